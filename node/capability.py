@@ -1,0 +1,154 @@
+"""Can a target syntax encode this image, and if not, why? One table-driven answer used by the
+transcoder, by `dicom-node explain` and by the tests, so they never disagree.
+
+The per-syntax pixel parameters come from pydicom's ENCODING_PROFILES (PS3.5 section 8.2);
+the node adds what no installed encoder can do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+from pydicom.pixels.encoders.base import ENCODING_PROFILES
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSNearLossless,
+)
+
+from node.syntaxes import Target, receivable_syntaxes, syntax_name
+
+# Encoder limits below what the standard allows (FIELD-NOTES 6).
+_MAX_BITS_STORED = {JPEG2000Lossless: 24, JPEG2000: 24}
+_DECODABLE_PHOTOMETRIC = {
+    "MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB",
+    "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PixelFacts:
+    """The Image Pixel module of a received instance, as the codecs see it."""
+
+    syntax: UID
+    pixel_keyword: str | None  # PixelData, FloatPixelData, DoubleFloatPixelData or None
+    photometric: str
+    samples: int
+    pixel_representation: int
+    bits_allocated: int
+    bits_stored: int
+    rows: int
+    columns: int
+    frames: int
+
+    @property
+    def frame_bytes(self) -> int:
+        return self.rows * self.columns * self.samples * max(self.bits_allocated, 8) // 8
+
+    @property
+    def decoded_photometric(self) -> str:
+        """The photometric interpretation of the raw decoded frames.
+
+        pydicom upsamples YBR_FULL_422 (native or JPEG) to full resolution without colour
+        conversion, which is YBR_FULL; J2K MCT is undone by the codec, giving RGB.
+        """
+        if self.photometric == "YBR_FULL_422":
+            return "YBR_FULL"
+        if self.photometric in ("YBR_RCT", "YBR_ICT"):
+            return "RGB"
+        return self.photometric
+
+
+def pixel_facts(ds: Dataset) -> PixelFacts:
+    """Read the Image Pixel module; raises ValueError naming the attribute that is unusable."""
+    keyword = next(
+        (k for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData") if k in ds), None
+    )
+
+    def number(name: str, default: int | None = None) -> int:
+        value = ds.get(name, default)
+        if value is None or value == "":
+            if keyword is None:
+                return 0
+            raise ValueError(f"({name}) is missing")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} has an unusable value {value!r}") from None
+
+    return PixelFacts(
+        syntax=UID(ds.file_meta.TransferSyntaxUID),
+        pixel_keyword=keyword,
+        photometric=str(ds.get("PhotometricInterpretation", "")).strip(),
+        samples=number("SamplesPerPixel", 1),
+        pixel_representation=number("PixelRepresentation", 0),
+        bits_allocated=number("BitsAllocated"),
+        bits_stored=number("BitsStored", ds.get("BitsAllocated")),
+        rows=number("Rows"),
+        columns=number("Columns"),
+        frames=number("NumberOfFrames", 1) or 1,
+    )
+
+
+def output_photometric(facts: PixelFacts, target: Target) -> str:
+    """The Photometric Interpretation the output will carry."""
+    pi = facts.decoded_photometric
+    if target.mct and pi == "RGB" and facts.samples == 3:
+        return "YBR_ICT" if target.syntax == JPEG2000 else "YBR_RCT"
+    return pi
+
+
+def refusal(facts: PixelFacts, target: Target) -> str | None:
+    """Why `target` cannot encode this image, or None when it can.
+
+    Data-dependent limits (e.g. signed values against the JPEG-LS near-lossless range) are
+    checked by the encoder on the actual pixels; their message becomes the refusal then.
+    """
+    assert target.syntax is not None, "keep needs no capability check"
+    name = syntax_name(target.syntax)
+    if facts.pixel_keyword is None:
+        return "the instance has no pixel data"
+    if facts.pixel_keyword != "PixelData":
+        return f"{facts.pixel_keyword} (floating point pixels) cannot be re-encoded"
+    if facts.syntax not in receivable_syntaxes():
+        return f"the node cannot decode the received syntax {syntax_name(facts.syntax)}"
+    if facts.bits_allocated == 1:
+        return "Bits Allocated 1 (bit-packed pixels) cannot be re-encoded"
+    if facts.photometric not in _DECODABLE_PHOTOMETRIC:
+        return f"Photometric Interpretation {facts.photometric or '(missing)'} cannot be decoded"
+    if facts.bits_stored > facts.bits_allocated or facts.bits_stored < 1:
+        return f"Bits Stored {facts.bits_stored} does not fit Bits Allocated {facts.bits_allocated}"
+    if facts.photometric == "PALETTE COLOR" and target.is_lossy:
+        return f"PALETTE COLOR holds palette indexes; lossy {name} would change the colours"
+    if target.syntax == JPEGLSNearLossless and facts.pixel_representation == 1:
+        limit = 2 ** (facts.bits_stored - 1)
+        if target.jls_error and target.jls_error * 2 >= limit:
+            return (
+                f"jls_error {target.jls_error} leaves no valid range for signed "
+                f"{facts.bits_stored}-bit data"
+            )
+    if target.syntax == ExplicitVRLittleEndian:
+        return None
+    limit = _MAX_BITS_STORED.get(target.syntax)
+    if limit and facts.bits_stored > limit:
+        return (
+            f"Bits Stored {facts.bits_stored} is above the {limit} bits the {name} encoder supports"
+        )
+    pi = output_photometric(facts, target)
+    for p_pi, p_spp, p_repr, p_alloc, p_stored in ENCODING_PROFILES.get(target.syntax, []):
+        if (
+            pi == p_pi
+            and facts.samples == p_spp
+            and facts.pixel_representation in p_repr
+            and facts.bits_allocated in p_alloc
+            and facts.bits_stored in p_stored
+        ):
+            return None
+    return (
+        f"{name} cannot encode {pi}, {facts.samples} sample(s), Bits Allocated "
+        f"{facts.bits_allocated}, Bits Stored {facts.bits_stored}, "
+        f"{'signed' if facts.pixel_representation else 'unsigned'} (PS3.5 section 8.2)"
+    )

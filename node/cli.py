@@ -1,0 +1,119 @@
+"""The `dicom-node` command: serve, check-config, explain."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from node.config import Config, ConfigError, load_config
+
+
+def _load_or_report(path: str | None) -> Config | None:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print(f"{len(exc.problems)} problem(s); nothing was started", file=sys.stderr)
+        return None
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return config
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from node.pipeline import Pipeline
+    from node.receive import StorageSCP
+    from node.spool import Spool
+
+    config = _load_or_report(args.config)
+    if config is None:
+        return 2
+    log = logging.getLogger("dicom_node")
+    spool = Spool(config.node.spool)
+    pipeline = Pipeline(config, spool)
+    scp = StorageSCP(config, spool, pipeline.submit)
+    try:
+        scp.start()
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", config.node.host, config.node.port, exc.strerror)
+        return 1
+    backlog = pipeline.start()
+    log.info("config %s; %d rule(s); %d instance(s) resumed from the spool %s; %d worker(s)",
+             config.source, len(config.rules), backlog, spool.root, pipeline.workers)  # fmt: skip
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("stopping: no new associations; finishing work in flight")
+    scp.stop()
+    pipeline.stop()
+    log.info("stopped; %d instance(s) left in the spool for the next start", len(spool.pending()))
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from node.explain import config_summary
+
+    config = _load_or_report(args.path)
+    if config is None:
+        return 2
+    print(config_summary(config))
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from node.explain import explain_file
+    from node.route import Arrival
+
+    config = _load_or_report(args.config)
+    if config is None:
+        return 2
+    arrival = None
+    if args.calling_aet is not None or args.called_aet is not None:
+        arrival = Arrival(args.calling_aet or "", args.called_aet or config.node.ae_title)
+    for path in args.files:
+        print(explain_file(config, Path(path), arrival))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dicom-node", description="DICOM node: receive, route, recompress, archive/forward"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the Storage SCP until SIGTERM/SIGINT")
+    p.add_argument("-c", "--config", help="config file (default: config/node.yaml, "
+                   "else the embedded default)")  # fmt: skip
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("check-config", help="validate a config file and summarise it")
+    p.add_argument("path", nargs="?", default=None)
+    p.set_defaults(func=_check_config)
+
+    p = sub.add_parser("explain", help="dry run: what the node would do with these files")
+    p.add_argument("-c", "--config")
+    p.add_argument("--calling-aet", help="pretend the files came from this AE title")
+    p.add_argument("--called-aet", help="pretend they were sent to this AE title")
+    p.add_argument("files", nargs="+")
+    p.set_defaults(func=_explain)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,478 @@
+"""Configuration: the YAML file parsed and validated once into typed, immutable objects.
+
+Every problem is reported as `FILE:LINE: message`; the rest of the node never sees raw YAML.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from node.syntaxes import SyntaxError_, Target, TranscodeSpec, parse_target
+
+DEFAULT_CONFIG_PATH = Path("config/node.yaml")
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    ae_title: str
+    host: str
+    port: int
+    spool: Path
+    workers: int  # 0 = one per CPU core
+
+
+@dataclass(frozen=True)
+class AcceptPolicy:
+    calling_aets: tuple[str, ...]  # glob patterns
+
+
+@dataclass(frozen=True)
+class FolderDestination:
+    name: str
+    path: Path
+    layout: str
+
+
+@dataclass(frozen=True)
+class DicomDestination:
+    name: str
+    host: str
+    port: int
+    ae_title: str
+    calling_ae_title: str
+    timeout: float  # seconds, for association, DIMSE and network
+
+
+Destination = FolderDestination | DicomDestination
+
+
+@dataclass(frozen=True)
+class RoutingRule:
+    name: str
+    # keyword -> accepted patterns; every keyword must match (AND), any pattern may (OR)
+    match: tuple[tuple[str, tuple[str, ...]], ...]
+    transcode: TranscodeSpec
+    send_to: tuple[str, ...]
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeSettings
+    accept: AcceptPolicy
+    destinations: Mapping[str, Destination]
+    rules: tuple[RoutingRule, ...]
+    source: str = "<embedded default>"
+    warnings: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class Problem:
+    source: str
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.line}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; `problems` lists every one found, with its line."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+# --- YAML with line numbers -------------------------------------------------------------------
+
+
+class _LineDict(dict):
+    line: int = 0
+    key_lines: dict[str, int]
+
+
+class _LineList(list):
+    line: int = 0
+    item_lines: list[int]
+
+
+class _Loader(yaml.SafeLoader):
+    duplicate_keys: list[tuple[int, str]]
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _LineDict:
+    loader.flatten_mapping(node)
+    result = _LineDict()
+    result.line = node.start_mark.line + 1
+    result.key_lines = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        key_line = key_node.start_mark.line + 1
+        if key in result:
+            loader.duplicate_keys.append((key_line, str(key)))
+        result[key] = loader.construct_object(value_node, deep=True)
+        result.key_lines[key] = key_line
+    return result
+
+
+def _construct_sequence(loader: _Loader, node: yaml.SequenceNode) -> _LineList:
+    result = _LineList(loader.construct_object(child, deep=True) for child in node.value)
+    result.line = node.start_mark.line + 1
+    result.item_lines = [child.start_mark.line + 1 for child in node.value]
+    return result
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+class _Checker:
+    """Walks the loaded YAML, collecting problems instead of stopping at the first."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.problems: list[Problem] = []
+
+    def error(self, line: int, message: str) -> None:
+        self.problems.append(Problem(self.source, line, message))
+
+    def keys(self, mapping: _LineDict, where: str, allowed: set[str], required: set[str]) -> None:
+        for key in mapping:
+            if key not in allowed:
+                hint = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+                suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+                self.error(
+                    mapping.key_lines[key],
+                    f"{where}: unknown key '{key}'{suggestion}; "
+                    f"allowed: {', '.join(sorted(allowed))}",
+                )
+        for key in sorted(required - set(mapping)):
+            self.error(mapping.line, f"{where}: missing required key '{key}'")
+
+    def mapping(self, value: Any, line: int, where: str) -> _LineDict | None:
+        if isinstance(value, _LineDict):
+            return value
+        self.error(line, f"{where}: expected a mapping (key: value), got {_describe(value)}")
+        return None
+
+    def string(self, m: _LineDict, key: str, where: str, default: str | None = None) -> str:
+        if key not in m:
+            return default or ""
+        value = m[key]
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            return str(value)
+        self.error(m.key_lines[key], f"{where}.{key}: expected a string, got {_describe(value)}")
+        return default or ""
+
+    def integer(self, m: _LineDict, key: str, where: str, default: int, lo: int, hi: int) -> int:
+        if key not in m:
+            return default
+        value = m[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            self.error(
+                m.key_lines[key],
+                f"{where}.{key}: expected a whole number from {lo} to {hi}, got {_describe(value)}",
+            )
+            return default
+        return value
+
+    def ae_title(self, m: _LineDict, key: str, where: str, default: str) -> str:
+        title = self.string(m, key, where, default)
+        if key not in m:  # a default (e.g. the node's own AE title) is checked where it is written
+            return title
+        if not title.strip() or len(title) > 16 or "\\" in title or not title.isascii():
+            self.error(
+                m.key_lines[key],
+                f"{where}.{key}: '{title}' is not a valid AE title "
+                "(1-16 ASCII characters, no '\\')",
+            )
+        return title
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"{type(value).__name__} {value!r}"
+
+
+_NODE_KEYS = {"ae_title", "host", "port", "spool", "workers"}
+_FOLDER_KEYS = {"type", "path", "layout"}
+_DICOM_KEYS = {"type", "host", "port", "ae_title", "calling_ae_title", "timeout"}
+_RULE_KEYS = {"name", "match", "transcode", "send_to"}
+DEFAULT_LAYOUT = "{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
+
+
+def _parse_node(c: _Checker, raw: _LineDict, base: Path) -> NodeSettings:
+    c.keys(raw, "node", _NODE_KEYS, set())
+    spool = c.string(raw, "spool", "node", "./spool")
+    return NodeSettings(
+        ae_title=c.ae_title(raw, "ae_title", "node", "DICOM-NODE"),
+        host=c.string(raw, "host", "node", "0.0.0.0"),
+        port=c.integer(raw, "port", "node", 11112, 0, 65535),
+        spool=(base / spool).resolve(),
+        workers=c.integer(raw, "workers", "node", 0, 0, 256),
+    )
+
+
+def _parse_accept(c: _Checker, raw: _LineDict) -> AcceptPolicy:
+    c.keys(raw, "accept", {"calling_aets"}, set())
+    patterns: tuple[str, ...] = ("*",)
+    if "calling_aets" in raw:
+        value = raw["calling_aets"]
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            c.error(
+                raw.key_lines["calling_aets"], "accept.calling_aets: expected a list of patterns"
+            )
+        else:
+            patterns = tuple(value)
+    return AcceptPolicy(calling_aets=patterns)
+
+
+def _parse_destination(
+    c: _Checker, name: str, raw: Any, line: int, base: Path, node_ae: str
+) -> Destination | None:
+    where = f"destinations.{name}"
+    m = c.mapping(raw, line, where)
+    if m is None:
+        return None
+    kind = m.get("type")
+    if kind == "folder":
+        c.keys(m, where, _FOLDER_KEYS, {"type", "path"})
+        layout = c.string(m, "layout", where, DEFAULT_LAYOUT)
+        from node.deliver import layout_problem  # the layout grammar lives with its user
+
+        problem = layout_problem(layout)
+        if problem:
+            c.error(m.key_lines.get("layout", m.line), f"{where}.layout: {problem}")
+        return FolderDestination(name, (base / c.string(m, "path", where, ".")).resolve(), layout)
+    if kind == "dicom":
+        c.keys(m, where, _DICOM_KEYS, {"type", "host", "port", "ae_title"})
+        timeout = m.get("timeout", 30)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            c.error(m.key_lines.get("timeout", m.line), f"{where}.timeout: expected seconds > 0")
+            timeout = 30
+        return DicomDestination(
+            name=name,
+            host=c.string(m, "host", where),
+            port=c.integer(m, "port", where, 104, 1, 65535),
+            ae_title=c.ae_title(m, "ae_title", where, "ANY-SCP"),
+            calling_ae_title=c.ae_title(m, "calling_ae_title", where, node_ae),
+            timeout=float(timeout),
+        )
+    c.error(
+        m.key_lines.get("type", m.line),
+        f"{where}.type: expected 'folder' or 'dicom', got {_describe(kind)}",
+    )
+    return None
+
+
+def _parse_target(c: _Checker, raw: Any, line: int, where: str) -> Target | None:
+    try:
+        return parse_target(raw)
+    except SyntaxError_ as exc:
+        key_line = line
+        if isinstance(raw, _LineDict) and exc.key in raw.key_lines:
+            key_line = raw.key_lines[exc.key]
+        c.error(key_line, f"{where}: {exc}")
+        return None
+
+
+def _parse_transcode(c: _Checker, raw: Any, line: int, where: str) -> TranscodeSpec | None:
+    if raw is None:
+        return TranscodeSpec(Target(None))
+    m = c.mapping(raw, line, where)
+    if m is None:
+        return None
+    fallback_raw = m.pop("fallback", None)
+    fallback_line = m.key_lines.pop("fallback", m.line)
+    target = _parse_target(c, m, m.line, where)
+    fallbacks: list[Target] = []
+    if fallback_raw is not None:
+        items = fallback_raw if isinstance(fallback_raw, list) else [fallback_raw]
+        lines = getattr(fallback_raw, "item_lines", [fallback_line] * len(items))
+        for i, (item, item_line) in enumerate(zip(items, lines, strict=True)):
+            fb = _parse_target(c, item, item_line, f"{where}.fallback[{i}]")
+            if fb is not None:
+                fallbacks.append(fb)
+    if target is None:
+        return None
+    return TranscodeSpec(target, tuple(fallbacks))
+
+
+def _parse_match(c: _Checker, raw: Any, line: int, where: str):
+    from node.route import match_keyword_problem
+
+    if raw is None:
+        return ()
+    m = c.mapping(raw, line, where)
+    if m is None:
+        return ()
+    result = []
+    for key, value in m.items():
+        problem = match_keyword_problem(str(key))
+        if problem:
+            c.error(m.key_lines[key], f"{where}: {problem}")
+            continue
+        values = value if isinstance(value, list) else [value]
+        if not values or any(isinstance(v, (dict, list)) or v is None for v in values):
+            c.error(m.key_lines[key], f"{where}.{key}: expected a value or a list of values")
+            continue
+        result.append((str(key), tuple(_scalar_text(v) for v in values)))
+    return tuple(result)
+
+
+def _scalar_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "YES" if value else "NO"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _parse_rule(
+    c: _Checker, raw: Any, line: int, index: int, destinations: Mapping[str, Any]
+) -> RoutingRule | None:
+    where = f"rules[{index}]"
+    m = c.mapping(raw, line, where)
+    if m is None:
+        return None
+    c.keys(m, where, _RULE_KEYS, {"name", "send_to"})
+    name = c.string(m, "name", where, f"rule-{index + 1}")
+    where = f"rule '{name}'"
+    match = _parse_match(c, m.get("match"), m.key_lines.get("match", m.line), f"{where}.match")
+    spec = _parse_transcode(
+        c, m.get("transcode"), m.key_lines.get("transcode", m.line), f"{where}.transcode"
+    )
+    send_to: list[str] = []
+    raw_send = m.get("send_to")
+    if raw_send is not None:
+        items = raw_send if isinstance(raw_send, list) else [raw_send]
+        lines = getattr(raw_send, "item_lines", [m.key_lines["send_to"]] * len(items))
+        if not items:
+            c.error(m.key_lines["send_to"], f"{where}.send_to: name at least one destination")
+        for item, item_line in zip(items, lines, strict=True):
+            if not isinstance(item, str) or item not in destinations:
+                known = ", ".join(sorted(destinations)) or "none defined"
+                c.error(
+                    item_line, f"{where}.send_to: undefined destination {item!r} (known: {known})"
+                )
+            else:
+                send_to.append(item)
+    # a bad transcode is already reported; the rule is kept so that its name is still checked
+    spec = spec or TranscodeSpec(Target(None))
+    return RoutingRule(name, match, spec, tuple(send_to), m.line)
+
+
+def parse_config(text: str, source: str, base: Path) -> Config:
+    """Parse and validate YAML text; raise ConfigError listing every problem with its line."""
+    c = _Checker(source)
+    loader = _Loader(text)
+    loader.duplicate_keys = []
+    try:
+        raw = loader.get_single_data()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        line = mark.line + 1 if mark else 1
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([Problem(source, line, f"YAML syntax error: {problem}")]) from None
+    finally:
+        loader.dispose()
+    for line, key in loader.duplicate_keys:
+        c.error(line, f"duplicate key '{key}' (the later one would silently win)")
+    if not isinstance(raw, _LineDict):
+        raise ConfigError([Problem(source, 1, "the file must be a mapping with node:, rules: ...")])
+    c.keys(raw, "top level", {"node", "accept", "destinations", "rules"}, {"rules"})
+
+    node_raw = c.mapping(raw.get("node", _LineDict()), raw.key_lines.get("node", 1), "node")
+    node = _parse_node(c, node_raw if node_raw is not None else _empty(), base)
+    accept_raw = c.mapping(raw.get("accept", _LineDict()), raw.key_lines.get("accept", 1), "accept")
+    accept = _parse_accept(c, accept_raw if accept_raw is not None else _empty())
+
+    destinations: dict[str, Destination] = {}
+    dest_raw = raw.get("destinations") or _empty()
+    if c.mapping(dest_raw, raw.key_lines.get("destinations", 1), "destinations") is not None:
+        for name, value in dest_raw.items():
+            dest = _parse_destination(
+                c, str(name), value, dest_raw.key_lines[name], base, node.ae_title
+            )
+            if dest is not None:
+                destinations[str(name)] = dest
+
+    rules: list[RoutingRule] = []
+    rules_raw = raw.get("rules")
+    rules_line = raw.key_lines.get("rules", 1)
+    if not isinstance(rules_raw, list) or not rules_raw:
+        if "rules" in raw:
+            c.error(rules_line, "rules: expected a non-empty list of rules")
+    else:
+        seen: dict[str, int] = {}
+        for i, (item, line) in enumerate(zip(rules_raw, rules_raw.item_lines, strict=True)):
+            rule = _parse_rule(c, item, line, i, destinations)
+            if rule is None:
+                continue
+            if rule.name in seen:
+                c.error(
+                    line, f"rule name '{rule.name}' is used twice (first at line {seen[rule.name]})"
+                )
+            seen.setdefault(rule.name, line)
+            rules.append(rule)
+
+    warnings = []
+    for i, rule in enumerate(rules[:-1]):
+        if not rule.match:
+            later = ", ".join(r.name for r in rules[i + 1 :])
+            warnings.append(
+                f"{source}:{rule.line}: rule '{rule.name}' matches everything; "
+                f"later rules never apply: {later}"
+            )
+    if c.problems:
+        raise ConfigError(sorted(c.problems, key=lambda p: p.line))
+    return Config(node, accept, destinations, tuple(rules), source, tuple(warnings))
+
+
+def _empty() -> _LineDict:
+    d = _LineDict()
+    d.line = 1
+    d.key_lines = {}
+    return d
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Load the config file; `None` means config/node.yaml if present, else the embedded default.
+
+    Relative paths in the file are relative to the file; in the embedded default, to the
+    current directory.
+    """
+    if path is None:
+        if DEFAULT_CONFIG_PATH.is_file():
+            path = DEFAULT_CONFIG_PATH
+        else:
+            # node/ is a namespace package (no __init__.py): importlib.resources.files("node")
+            # fails there on Python 3.11 when installed in editable mode, so read the file directly
+            text = Path(__file__).with_name("default.yaml").read_text(encoding="utf-8")
+            return parse_config(text, "<embedded default>", Path.cwd())
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([Problem(str(path), 0, f"cannot read: {exc.strerror}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([Problem(str(path), 1, f"not UTF-8 text: {exc.reason}")]) from None
+    return parse_config(text, str(path), path.resolve().parent)

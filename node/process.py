@@ -1,0 +1,126 @@
+"""Processing one spool entry, in a worker process: read it, pick the rule, transcode, write the
+output next to the spool entry, and say where each destination should get it.
+
+Pure of network and of shared state, so it runs in a process pool and in tests alike.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.filewriter import dcmwrite
+
+from node.config import Config, FolderDestination
+from node.deliver import layout_path
+from node.route import Arrival, select_rule
+from node.spool import SpoolEntry
+from node.syntaxes import Target, TranscodeSpec, syntax_name
+from node.transcode import TranscodeResult, transcode
+
+KEEP = TranscodeSpec(Target(None))
+
+
+@dataclass(frozen=True)
+class ProcessOutcome:
+    entry: SpoolEntry
+    rule: str | None
+    output: Path | None  # the file to deliver: a work file, or the spool entry itself
+    folder_paths: dict[str, str] = field(default_factory=dict)  # destination -> relative path
+    send_to: tuple[str, ...] = ()
+    sop_class: str = ""
+    sop_instance: str = ""
+    syntax_in: str = ""
+    syntax_out: str = ""
+    bytes_in: int = 0
+    bytes_out: int = 0
+    outcome: str = ""
+    notes: tuple[str, ...] = ()
+    calling_aet: str = ""
+    milliseconds: float = 0.0
+    quarantine_reason: str | None = None
+
+    def summary(self) -> str:
+        ratio = self.bytes_in / self.bytes_out if self.bytes_out else 0
+        text = (
+            f"{self.outcome} from={self.calling_aet or '?'} sop={self.sop_class} rule={self.rule} "
+            f"{syntax_name(self.syntax_in)}->{syntax_name(self.syntax_out)} "
+            f"{self.bytes_in}->{self.bytes_out} bytes ({ratio:.2f}:1) {self.milliseconds:.0f} ms "
+            f"to={','.join(self.send_to)}"
+        )
+        if self.notes:
+            text += " | " + "; ".join(self.notes)
+        return text
+
+
+def read_arrival(ds) -> Arrival:
+    meta = getattr(ds, "file_meta", None)
+    return Arrival(
+        calling_aet=str((meta or {}).get("SendingApplicationEntityTitle", "") or "").strip(),
+        called_aet=str((meta or {}).get("ReceivingApplicationEntityTitle", "") or "").strip(),
+    )
+
+
+def process_entry(
+    entry: SpoolEntry, config: Config, work_path: Path, as_received: bool = False
+) -> ProcessOutcome:
+    """Route and transcode one entry. `as_received` skips the codec (used after a worker crash)."""
+    started = time.perf_counter()
+    warnings.filterwarnings("ignore", module="pydicom")
+    try:
+        ds = dcmread(entry.path)
+        ds.file_meta.TransferSyntaxUID  # noqa: B018 - must exist to route and decode
+    except (InvalidDicomError, AttributeError, EOFError, OSError, ValueError, KeyError) as exc:
+        return ProcessOutcome(entry, None, None, quarantine_reason=f"unreadable dataset: {exc}")
+    arrival = read_arrival(ds)
+    try:
+        rule = select_rule(config.rules, ds, arrival)
+    except Exception as exc:  # a dataset so broken its attributes cannot be read
+        return ProcessOutcome(entry, None, None, quarantine_reason=f"cannot evaluate rules: {exc}")
+    if rule is None:
+        return ProcessOutcome(
+            entry, None, None,
+            calling_aet=arrival.calling_aet,
+            quarantine_reason=(
+                f"no rule matched (Modality={ds.get('Modality', '')!s}, "
+                f"SOPClassUID={ds.get('SOPClassUID', '')!s}, CallingAET={arrival.calling_aet})"
+            ),
+        )  # fmt: skip
+    syntax_in = str(ds.file_meta.TransferSyntaxUID)
+    result: TranscodeResult = transcode(ds, KEEP if as_received else rule.transcode)
+    notes = result.notes + (("worker crashed on this instance before; sent as received",)
+                            if as_received else ())  # fmt: skip
+    if result.dataset is not None:
+        out_ds, output = result.dataset, work_path
+        tmp = work_path.with_suffix(".part")
+        dcmwrite(tmp, out_ds, enforce_file_format=True)
+        os.replace(tmp, work_path)  # not fsync'd: after a crash the entry is processed again
+    else:
+        out_ds, output = ds, entry.path
+    folder_paths = {
+        name: str(layout_path(dest.layout, out_ds))
+        for name in rule.send_to
+        if isinstance(dest := config.destinations[name], FolderDestination)
+    }
+    return ProcessOutcome(
+        entry=entry,
+        rule=rule.name,
+        output=output,
+        folder_paths=folder_paths,
+        send_to=rule.send_to,
+        sop_class=str(ds.get("SOPClassUID", "")),
+        sop_instance=str(out_ds.get("SOPInstanceUID", "")),
+        syntax_in=syntax_in,
+        syntax_out=str(out_ds.file_meta.TransferSyntaxUID),
+        bytes_in=entry.path.stat().st_size,
+        bytes_out=output.stat().st_size,
+        outcome=result.outcome,
+        notes=notes,
+        calling_aet=arrival.calling_aet,
+        milliseconds=(time.perf_counter() - started) * 1000,
+    )

@@ -1,0 +1,254 @@
+"""Transfer syntaxes: what the node can receive (decode) and produce (encode), and the
+`Target` a rule asks for (syntax plus quality parameters), validated once at config load."""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom import uid as _uid
+from pydicom.uid import (
+    UID,
+    UID_dictionary,
+)
+
+# What a rule may name as its target, in the order the README documents them.
+ENCODABLE: tuple[UID, ...] = (
+    _uid.ExplicitVRLittleEndian,
+    _uid.RLELossless,
+    _uid.JPEGLSLossless,
+    _uid.JPEGLSNearLossless,
+    _uid.JPEG2000Lossless,
+    _uid.JPEG2000,
+)
+
+# Lossless by construction. JPEG-LS near-lossless with jls_error 0 is also lossless, but the
+# syntax itself says "may be lossy", so it is treated as lossy bookkeeping-wise only when error > 0.
+LOSSLESS: frozenset[UID] = frozenset(
+    {_uid.ExplicitVRLittleEndian, _uid.RLELossless, _uid.JPEGLSLossless, _uid.JPEG2000Lossless}
+)
+
+# Lossy Image Compression Method (0028,2114) defined terms, PS3.3 C.7.6.1.1.5.1.
+LOSSY_METHOD: dict[UID, str] = {
+    _uid.JPEGBaseline8Bit: "ISO_10918_1",
+    _uid.JPEGExtended12Bit: "ISO_10918_1",
+    _uid.JPEGLSNearLossless: "ISO_14495_1",
+    _uid.JPEG2000: "ISO_15444_1",
+}
+
+# Syntaxes whose pixel data is lossy whatever the parameters were.
+ALWAYS_LOSSY: frozenset[UID] = frozenset({_uid.JPEGBaseline8Bit, _uid.JPEGExtended12Bit})
+
+# What the Storage SCP accepts, in the order it prefers them: the acceptor picks from its own
+# list, so compressed syntaxes come first and a sender is never asked to decompress.
+_RECEIVABLE_CANDIDATES: tuple[UID, ...] = (
+    _uid.JPEGLSLossless,
+    _uid.JPEG2000Lossless,
+    _uid.HTJ2KLossless,
+    _uid.HTJ2KLosslessRPCL,
+    _uid.RLELossless,
+    _uid.JPEGLosslessSV1,
+    _uid.JPEGLossless,
+    _uid.JPEGLSNearLossless,
+    _uid.JPEG2000,
+    _uid.HTJ2K,
+    _uid.JPEGBaseline8Bit,
+    _uid.JPEGExtended12Bit,
+    _uid.ExplicitVRLittleEndian,
+    _uid.ImplicitVRLittleEndian,
+    _uid.ExplicitVRBigEndian,
+    _uid.DeflatedExplicitVRLittleEndian,
+)
+
+
+@functools.cache
+def receivable_syntaxes() -> tuple[UID, ...]:
+    """Transfer syntaxes this installation can decode, compressed ones first."""
+    from pydicom.pixels import get_decoder
+
+    result = []
+    for ts in _RECEIVABLE_CANDIDATES:
+        if not ts.is_compressed:
+            result.append(ts)
+            continue
+        try:
+            if get_decoder(ts).is_available:
+                result.append(ts)
+        except NotImplementedError:
+            pass
+    return tuple(result)
+
+
+def syntax_name(ts: str | None) -> str:
+    """A short name for logs: the pydicom keyword, or the UID when it has none."""
+    if ts is None:
+        return "keep"
+    entry = UID_dictionary.get(str(ts))
+    return entry[4] if entry and entry[4] else str(ts)
+
+
+class SyntaxError_(ValueError):
+    """A target that cannot be used; `key` names the offending config key, if any."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class Target:
+    """One transfer syntax a rule may produce, with its quality parameters. syntax None = keep."""
+
+    syntax: UID | None
+    jls_error: int | None = None
+    j2k_cr: tuple[float, ...] | None = None
+    j2k_psnr: tuple[float, ...] | None = None
+    mct: bool = False
+
+    @property
+    def is_lossy(self) -> bool:
+        if self.syntax is None or self.syntax in LOSSLESS:
+            return False
+        if self.syntax == _uid.JPEGLSNearLossless:
+            return bool(self.jls_error)
+        return True
+
+    def describe(self) -> str:
+        parts = [syntax_name(self.syntax)]
+        if self.jls_error is not None:
+            parts.append(f"jls_error={self.jls_error}")
+        if self.j2k_cr is not None:
+            parts.append(f"j2k_cr={list(self.j2k_cr)}")
+        if self.j2k_psnr is not None:
+            parts.append(f"j2k_psnr={list(self.j2k_psnr)}")
+        if self.mct:
+            parts.append("mct")
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class TranscodeSpec:
+    """The target of a rule and the fallbacks tried, in order, when it cannot encode an image."""
+
+    target: Target
+    fallback: tuple[Target, ...] = ()
+
+    @property
+    def candidates(self) -> tuple[Target, ...]:
+        return (self.target, *self.fallback)
+
+
+_TARGET_KEYS = {"syntax", "jls_error", "j2k_cr", "j2k_psnr", "mct"}
+
+
+def resolve_syntax(name: Any) -> UID | None:
+    """'keep', a pydicom UID keyword or a dotted UID -> the UID (None for keep)."""
+    if not isinstance(name, str) or not name.strip():
+        raise SyntaxError_(f"syntax: expected a transfer syntax name, got {name!r}", "syntax")
+    name = name.strip()
+    if name == "keep":
+        return None
+    supported = ["keep"] + [syntax_name(ts) for ts in ENCODABLE]
+    if name[0].isdigit():
+        found = UID(name)
+    else:
+        found = next(
+            (
+                UID(k)
+                for k, v in UID_dictionary.items()
+                if v[4] == name and v[1] == "Transfer Syntax"
+            ),
+            None,
+        )
+        if found is None:
+            hint = difflib.get_close_matches(name, supported, n=1)
+            suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise SyntaxError_(
+                f"unknown transfer syntax '{name}'{suggestion}; supported: {', '.join(supported)}",
+                "syntax",
+            )
+    if found not in ENCODABLE:
+        raise SyntaxError_(
+            f"the node cannot encode {syntax_name(found)} ({found}); "
+            f"supported: {', '.join(supported)}",
+            "syntax",
+        )
+    return found
+
+
+def _numbers(value: Any, key: str) -> tuple[float, ...]:
+    items = value if isinstance(value, list) else [value]
+    if not items or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in items):
+        raise SyntaxError_(f"{key}: expected a number or a list of numbers, got {value!r}", key)
+    return tuple(float(v) for v in items)
+
+
+def parse_target(raw: Any) -> Target:
+    """A target from config: a syntax name, or a mapping with `syntax` and parameters."""
+    if isinstance(raw, str):
+        raw = {"syntax": raw}
+    if not isinstance(raw, dict):
+        raise SyntaxError_(f"expected a syntax name or a mapping with 'syntax', got {raw!r}")
+    for key in raw:
+        if key not in _TARGET_KEYS:
+            hint = difflib.get_close_matches(str(key), sorted(_TARGET_KEYS | {"fallback"}), n=1)
+            suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise SyntaxError_(f"unknown key '{key}'{suggestion}", str(key))
+    if "syntax" not in raw:
+        raise SyntaxError_("missing 'syntax' (a transfer syntax name, or keep)")
+    syntax = resolve_syntax(raw["syntax"])
+    name = syntax_name(syntax)
+
+    jls_error = raw.get("jls_error")
+    if jls_error is not None:
+        if syntax != _uid.JPEGLSNearLossless:
+            raise SyntaxError_(
+                f"jls_error applies to JPEGLSNearLossless only, not {name}", "jls_error"
+            )
+        if (
+            isinstance(jls_error, bool)
+            or not isinstance(jls_error, int)
+            or not 1 <= jls_error <= 255
+        ):
+            raise SyntaxError_(
+                "jls_error: expected a whole number 1-255 (0 is lossless: use JPEGLSLossless), "
+                f"got {jls_error!r}",
+                "jls_error",
+            )
+    elif syntax == _uid.JPEGLSNearLossless:
+        raise SyntaxError_("JPEGLSNearLossless needs jls_error (the maximum pixel error, 1-255)")
+
+    j2k_cr = j2k_psnr = None
+    for key in ("j2k_cr", "j2k_psnr"):
+        if key in raw and syntax != _uid.JPEG2000:
+            raise SyntaxError_(f"{key} applies to JPEG2000 (lossy) only, not {name}", key)
+    if syntax == _uid.JPEG2000:
+        if ("j2k_cr" in raw) == ("j2k_psnr" in raw):
+            raise SyntaxError_("JPEG2000 needs exactly one of j2k_cr or j2k_psnr")
+        if "j2k_cr" in raw:
+            j2k_cr = _numbers(raw["j2k_cr"], "j2k_cr")
+            if any(v <= 1 for v in j2k_cr):
+                raise SyntaxError_(
+                    "j2k_cr: every ratio must be above 1 (a ratio of 1 silently becomes "
+                    "reversible; use JPEG2000Lossless for lossless)",
+                    "j2k_cr",
+                )
+            if list(j2k_cr) != sorted(j2k_cr, reverse=True) or len(set(j2k_cr)) != len(j2k_cr):
+                raise SyntaxError_("j2k_cr: quality layers must be in decreasing order", "j2k_cr")
+        else:
+            j2k_psnr = _numbers(raw["j2k_psnr"], "j2k_psnr")
+            if any(v <= 0 for v in j2k_psnr):
+                raise SyntaxError_("j2k_psnr: every value must be above 0 dB", "j2k_psnr")
+            if list(j2k_psnr) != sorted(j2k_psnr) or len(set(j2k_psnr)) != len(j2k_psnr):
+                raise SyntaxError_(
+                    "j2k_psnr: quality layers must be in increasing order", "j2k_psnr"
+                )
+
+    mct = raw.get("mct", False)
+    if not isinstance(mct, bool):
+        raise SyntaxError_(f"mct: expected true or false, got {mct!r}", "mct")
+    if mct and syntax not in (_uid.JPEG2000Lossless, _uid.JPEG2000):
+        raise SyntaxError_(f"mct applies to JPEG 2000 syntaxes only, not {name}", "mct")
+    return Target(syntax, jls_error, j2k_cr, j2k_psnr, mct)

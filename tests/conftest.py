@@ -1,0 +1,201 @@
+"""Shared test helpers: real images, free ports, a node in a subprocess, DCMTK senders."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import data_store
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+
+warnings.filterwarnings("ignore", module="pydicom")
+
+DATA = Path(data_store.__file__).parent / "data"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def data_file(name: str) -> Path:
+    """A file from pydicom-data, or from pydicom's own test files."""
+    path = DATA / name
+    if path.exists():
+        return path
+    found = get_testdata_file(name, download=False)
+    if found is None:
+        raise FileNotFoundError(name)
+    return Path(found)
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05):
+    """Poll `predicate` until it returns something truthy; fail with `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def require(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.fail(f"{tool} is not installed; bin/test installs it (Debian packages)")
+    return path
+
+
+# storescu proposes uncompressed syntaxes unless told otherwise, and would then decompress
+# on its side; one flag per received syntax makes it send each file as it is.
+_STORESCU_PROPOSAL = {
+    "1.2.840.10008.1.2": "-xi",
+    "1.2.840.10008.1.2.1": "-xe",
+    "1.2.840.10008.1.2.2": "-xb",
+    "1.2.840.10008.1.2.1.99": "-xd",
+    "1.2.840.10008.1.2.4.50": "-xy",
+    "1.2.840.10008.1.2.4.51": "-xx",
+    "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.4.80": "-xt",
+    "1.2.840.10008.1.2.4.81": "-xu",
+    "1.2.840.10008.1.2.4.90": "-xv",
+    "1.2.840.10008.1.2.4.91": "-xw",
+    "1.2.840.10008.1.2.5": "-xr",
+}
+
+
+def storescu(
+    port: int,
+    files: list[Path],
+    calling: str = "STORESCU",
+    called: str = "DICOM-NODE",
+    extra: tuple[str, ...] = (),
+) -> None:
+    """Send `files` with DCMTK storescu, each in its own transfer syntax; all must succeed."""
+    require("storescu")
+    groups: dict[str, list[Path]] = {}
+    for f in files:
+        ts = str(dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        groups.setdefault(_STORESCU_PROPOSAL[ts], []).append(f)
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    for flag, group in groups.items():
+        cmd = ["storescu", "-R", flag, "-aet", calling, "-aec", called, "127.0.0.1", str(port),
+               *extra, *map(str, group)]  # fmt: skip
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"storescu failed: {done.stderr[-2000:]}"
+        assert "Store Failed" not in done.stderr, done.stderr[-2000:]
+
+
+def echo(port: int, calling: str = "ECHOSCU", called: str = "DICOM-NODE") -> bool:
+    require("echoscu")
+    done = subprocess.run(
+        ["echoscu", "-to", "5", "-aet", calling, "-aec", called, "127.0.0.1", str(port)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    return done.returncode == 0
+
+
+@dataclass
+class RunningNode:
+    process: subprocess.Popen
+    port: int
+    root: Path
+    config: Path
+    log: Path
+
+    @property
+    def archive(self) -> Path:
+        return self.root / "archive"
+
+    @property
+    def spool(self) -> Path:
+        return self.root / "spool"
+
+    def archived(self) -> list[Path]:
+        return sorted(p for p in self.archive.rglob("*.dcm")) if self.archive.exists() else []
+
+    def wait_archived(self, count: int, timeout: float = 120) -> list[Path]:
+        def enough():
+            self.assert_alive()
+            files = self.archived()
+            return files if len(files) >= count else None
+
+        return wait_for(enough, timeout, f"{count} archived instances")
+
+    def wait_spool_empty(self, timeout: float = 120) -> None:
+        wait_for(lambda: not list((self.spool / "incoming").glob("*.dcm")), timeout, "empty spool")
+
+    def assert_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise AssertionError(f"node exited with {self.process.returncode}:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def kill9(self) -> None:
+        """SIGKILL the node and its codec workers at once, as systemd or a power cut would."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_node(root: Path, config_text: str, port: int | None = None) -> RunningNode:
+    """Write `config_text` (with {port} filled in) to root/node.yaml and serve it."""
+    port = port or free_port()
+    root.mkdir(parents=True, exist_ok=True)
+    config = root / "node.yaml"
+    config.write_text(config_text.replace("{port}", str(port)))
+    log = root / "node.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "serve", "-c", str(config)],
+        stdout=log.open("ab"), stderr=subprocess.STDOUT, cwd=root,
+        start_new_session=True,
+    )  # fmt: skip
+    node = RunningNode(process, port, root, config, log)
+
+    def ready():
+        node.assert_alive()
+        return echo(port)
+
+    wait_for(ready, 60, "the node to answer C-ECHO", interval=0.2)
+    return node
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Iterator[Callable[..., RunningNode]]:
+    started: list[RunningNode] = []
+
+    def factory(config_text: str, name: str = "node", port: int | None = None) -> RunningNode:
+        node = start_node(tmp_path / name, config_text, port)
+        started.append(node)
+        return node
+
+    yield factory
+    for node in started:
+        if node.process.poll() is None:
+            os.killpg(node.process.pid, signal.SIGKILL)
+            node.process.wait()
