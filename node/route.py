@@ -45,7 +45,7 @@ def attribute_texts(ds: Dataset, keyword: str, arrival: Arrival) -> list[str] | 
     source = ds
     if keyword not in ds and keyword.startswith(("TransferSyntax", "MediaStorage")):
         source = getattr(ds, "file_meta", Dataset())
-    elem = source.data_element(keyword)
+    elem = source[keyword] if keyword in source else None  # noqa: SIM401 (.get gives the value)
     if elem is None or elem.value is None or elem.value == "":
         return None
     if isinstance(elem.value, (bytes, bytearray)):
