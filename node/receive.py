@@ -11,7 +11,8 @@ from fnmatch import fnmatchcase
 
 from pydicom.uid import UID_dictionary
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.service_class import ServiceClass, StorageServiceClass
+from pynetdicom.sop_class import Verification, register_uid, uid_to_service_class
 
 from node.config import Config
 from node.spool import Spool, SpoolEntry
@@ -34,12 +35,21 @@ def storage_sop_classes() -> list[str]:
     )
 
 
+def _register_unknown_storage_classes() -> None:
+    """pynetdicom aborts a C-STORE whose SOP class it has no service class for (it lacks the
+    retired ones): register those with its Storage service class."""
+    for uid in storage_sop_classes():
+        if uid_to_service_class(uid) is ServiceClass:
+            register_uid(uid, UID_dictionary[uid][4] or f"Storage_{uid}", StorageServiceClass)
+
+
 class StorageSCP:
     def __init__(self, config: Config, spool: Spool, on_stored: Callable[[SpoolEntry], None]):
         self.config = config
         self.spool = spool
         self.on_stored = on_stored
         self._server = None
+        _register_unknown_storage_classes()
         ae = AE(ae_title=config.node.ae_title)
         ae.maximum_associations = 32
         ae.maximum_pdu_size = 0  # unlimited: ~10-15% faster (FIELD-NOTES 4)
@@ -81,7 +91,7 @@ class StorageSCP:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _on_requested(self, event) -> None:
-        calling = event.assoc.requestor.ae_title.strip()
+        calling = event.assoc.requestor.primitive.calling_ae_title.strip()
         patterns = self.config.accept.calling_aets
         if not any(fnmatchcase(calling, p) for p in patterns):
             address = event.assoc.requestor.address
@@ -96,7 +106,8 @@ class StorageSCP:
             meta = event.file_meta
             meta.SourceApplicationEntityTitle = self.config.node.ae_title
             meta.SendingApplicationEntityTitle = requestor.ae_title.strip()
-            meta.ReceivingApplicationEntityTitle = event.assoc.acceptor.ae_title.strip()
+            # The title the sender called (rules may route on it), not necessarily ours.
+            meta.ReceivingApplicationEntityTitle = requestor.primitive.called_ae_title.strip()
             entry = self.spool.store(meta, event.encoded_dataset(include_meta=False))
         except OSError as exc:
             log.error(

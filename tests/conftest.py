@@ -127,7 +127,8 @@ class RunningNode:
         return self.root / "spool"
 
     def archived(self) -> list[Path]:
-        return sorted(p for p in self.archive.rglob("*.dcm")) if self.archive.exists() else []
+        """Every delivered file: below the node's folder, outside its spool."""
+        return sorted(p for p in self.root.rglob("*.dcm") if not p.is_relative_to(self.spool))
 
     def wait_archived(self, count: int, timeout: float = 120) -> list[Path]:
         def enough():
@@ -135,7 +136,10 @@ class RunningNode:
             files = self.archived()
             return files if len(files) >= count else None
 
-        return wait_for(enough, timeout, f"{count} archived instances")
+        try:
+            return wait_for(enough, timeout, f"{count} archived instances")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; node log:\n{self.log_text()[-3000:]}") from None
 
     def wait_spool_empty(self, timeout: float = 120) -> None:
         wait_for(lambda: not list((self.spool / "incoming").glob("*.dcm")), timeout, "empty spool")
@@ -179,9 +183,13 @@ def start_node(root: Path, config_text: str, port: int | None = None) -> Running
 
     def ready():
         node.assert_alive()
-        return echo(port)
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            return False
+        return True
 
-    wait_for(ready, 60, "the node to answer C-ECHO", interval=0.2)
+    wait_for(ready, 60, "the node to listen", interval=0.1)
     return node
 
 
