@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -128,9 +127,3 @@ class Spool:
     def _remove_work(self, entry: SpoolEntry) -> None:
         for p in self.work.glob(f"{entry.id}.*"):
             p.unlink(missing_ok=True)
-
-    def usage_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.incoming.glob("*.dcm"))
-
-    def free_bytes(self) -> int:
-        return shutil.disk_usage(self.root).free

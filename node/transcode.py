@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
+from pydicom.multival import MultiValue
 from pydicom.pixels import as_pixel_options, get_decoder, get_encoder, iter_pixels
 from pydicom.uid import (
     JPEG2000,
@@ -211,6 +212,6 @@ def _record_lossy_step(out: Dataset, target: Target, ratio: float) -> None:
 def _as_list(value) -> list:
     if value is None or value == "":
         return []
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+    if isinstance(value, (list, tuple, MultiValue)):
         return list(value)
     return [value]

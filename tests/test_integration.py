@@ -256,3 +256,22 @@ def test_forwarding_to_a_dicom_peer_and_a_folder(node_factory, tmp_path):
     finally:
         os.killpg(pacs.pid, signal.SIGTERM)
         pacs.wait(timeout=10)
+
+
+def test_the_shipped_default_config_archives_losslessly(node_factory):
+    """config/node.yaml as shipped (only the port changed): lossless JPEG-LS to ./archive,
+    lossy input kept as received."""
+    shipped = (Path(__file__).parent.parent / "config" / "node.yaml").read_text()
+    assert "port: 11112" in shipped and "host: 0.0.0.0" in shipped
+    node = node_factory(
+        shipped.replace("port: 11112", "port: {port}").replace("0.0.0.0", "127.0.0.1")
+    )
+    sources = [data_file("CT_small.dcm"), data_file("SC_rgb_jpeg_dcmtk.dcm")]
+    storescu(node.port, sources)
+    files = node.wait_archived(2)
+    assert all(f.is_relative_to(node.archive) for f in files)
+    by_uid = {dcmread(f).SOPInstanceUID: dcmread(f) for f in files}
+    ct, jpeg = (dcmread(s) for s in sources)
+    assert by_uid[ct.SOPInstanceUID].file_meta.TransferSyntaxUID == uid.JPEGLSLossless
+    np.testing.assert_array_equal(raw(by_uid[ct.SOPInstanceUID]), raw(ct))
+    assert by_uid[jpeg.SOPInstanceUID].PixelData == jpeg.PixelData  # lossy input: as received
