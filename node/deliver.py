@@ -112,7 +112,7 @@ def deliver_to_peer(dest: DicomDestination, source: Path, sop_class: str, syntax
             f"{'rejected' if assoc.is_rejected else 'failed'}"
         )
     try:
-        _set_nodelay(assoc)
+        set_nodelay(assoc)
         if not any(cx.abstract_syntax == sop_class for cx in assoc.accepted_contexts):
             raise DeliveryError(f"{dest.name} does not accept {sop_class} in {syntax}")
         status = assoc.send_c_store(source)
@@ -131,7 +131,7 @@ def deliver_to_peer(dest: DicomDestination, source: Path, sop_class: str, syntax
             assoc.release()
 
 
-def _set_nodelay(assoc) -> None:
+def set_nodelay(assoc) -> None:
     """pynetdicom never sets TCP_NODELAY; without it small PDUs wait on delayed ACKs."""
     sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
     if sock is not None:

@@ -5,7 +5,6 @@ spool and fsync'd, and only then answered Success; nothing here decodes pixels.
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import Callable
 from fnmatch import fnmatchcase
 
@@ -15,6 +14,7 @@ from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import Verification, register_uid, uid_to_service_class
 
 from node.config import Config
+from node.deliver import set_nodelay
 from node.spool import Spool, SpoolEntry
 from node.syntaxes import receivable_syntaxes
 
@@ -86,9 +86,7 @@ class StorageSCP:
     # --- handlers: run on the association threads -----------------------------------------
 
     def _on_connection(self, event) -> None:
-        sock = getattr(event.assoc.dul.socket, "socket", None)
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_nodelay(event.assoc)
 
     def _on_requested(self, event) -> None:
         calling = event.assoc.requestor.primitive.calling_ae_title.strip()
