@@ -34,7 +34,7 @@ def _serve(args: argparse.Namespace) -> int:
     if config is None:
         return 2
     log = logging.getLogger("dicom_node")
-    spool = Spool(config.node.spool)
+    spool = Spool(config.node.spool, config.node.spool_max_size, config.node.spool_min_free)
     pipeline = Pipeline(config, spool)
     scp = StorageSCP(config, spool, pipeline.submit)
     try:
@@ -82,6 +82,46 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _queue(args: argparse.Namespace) -> int:
+    from node.queue import QUEUE_FILE, DeliveryQueue
+
+    config = _load_or_report(args.config)
+    if config is None:
+        return 2
+    path = config.node.spool / QUEUE_FILE
+    if args.action == "retry":
+        if args.destination not in config.destinations:
+            known = ", ".join(config.destinations)
+            print(f"unknown destination {args.destination!r} (known: {known})", file=sys.stderr)
+            return 2
+        queue = DeliveryQueue(path)  # safe beside a running node: SQLite serialises writers
+        count = queue.retry_dead(args.destination)
+        queue.close()
+        print(f"{count} dead-lettered instance(s) queued again for {args.destination}")
+        return 0
+    if not path.exists():
+        print(f"no queue yet at {path} (the node has not run with this spool)")
+        return 0
+    queue = DeliveryQueue(path, readonly=True)
+    rows = queue.stats(list(config.destinations))
+    queue.close()
+    print(
+        f"{'destination':<20} {'pending':>8} {'oldest':>10} {'retries':>8} {'dead':>6}  last error"
+    )
+    for s in rows:
+        age = "-" if s.oldest_age is None else _age(s.oldest_age)
+        print(f"{s.destination:<20} {s.pending:>8} {age:>10} {s.retries:>8} {s.dead:>6}  "
+              f"{s.last_error or ''}")  # fmt: skip
+    return 0
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="dicom-node", description="DICOM node: receive, route, recompress, archive/forward"
@@ -105,7 +145,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("files", nargs="+")
     p.set_defaults(func=_explain)
 
+    p = sub.add_parser("queue", help="delivery queues per destination; 'retry DEST' re-queues "
+                       "its dead letters (works while the node runs)")  # fmt: skip
+    p.add_argument("-c", "--config")
+    p.add_argument("action", nargs="?", choices=["list", "retry"], default="list")
+    p.add_argument("destination", nargs="?")
+    p.set_defaults(func=_queue)
+
     args = parser.parse_args(argv)
+    if getattr(args, "action", None) == "retry" and not args.destination:
+        parser.error("queue retry needs a destination name")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from node.syntaxes import SyntaxError_, Target, TranscodeSpec, parse_target
+from node.syntaxes import SyntaxError_, Target, TranscodeSpec, lookup_syntax, parse_target
 
 DEFAULT_CONFIG_PATH = Path("config/node.yaml")
 
@@ -26,6 +26,18 @@ class NodeSettings:
     port: int
     spool: Path
     workers: int  # 0 = one per CPU core
+    spool_max_size: int = 0  # bytes; 0 = no limit
+    spool_min_free: int = 1 << 30  # bytes of free disk below which C-STOREs get 0xA700
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter; after `give_up_after` an instance is dead-lettered."""
+
+    initial_delay: float = 2.0  # seconds
+    max_delay: float = 300.0
+    give_up_after: float = 7 * 86400.0
+    max_failures: int = 5  # refusals that are not transient (e.g. 0xC000) before dead-letter
 
 
 @dataclass(frozen=True)
@@ -38,6 +50,7 @@ class FolderDestination:
     name: str
     path: Path
     layout: str
+    retry: RetryPolicy = RetryPolicy()
 
 
 @dataclass(frozen=True)
@@ -48,6 +61,10 @@ class DicomDestination:
     ae_title: str
     calling_ae_title: str
     timeout: float  # seconds, for association, DIMSE and network
+    retry: RetryPolicy = RetryPolicy()
+    accept_syntaxes: tuple[str, ...] | None = None  # UIDs the node may propose; None = any
+    idle_timeout: float = 5.0  # seconds an association stays open without work
+    max_per_association: int = 0  # instances before a new association; 0 = no limit
 
 
 Destination = FolderDestination | DicomDestination
@@ -187,6 +204,16 @@ class _Checker:
             return default
         return value
 
+    def converted(self, m: _LineDict, key: str, where: str, convert, default):
+        """m[key] through `convert` (which raises ValueError with the message), or default."""
+        if key not in m:
+            return default
+        try:
+            return convert(m[key])
+        except (ValueError, TypeError) as exc:
+            self.error(m.key_lines[key], f"{where}.{key}: {exc}")
+            return default
+
     def ae_title(self, m: _LineDict, key: str, where: str, default: str) -> str:
         title = self.string(m, key, where, default)
         if key not in m:  # a default (e.g. the node's own AE title) is checked where it is written
@@ -210,9 +237,42 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
-_NODE_KEYS = {"ae_title", "host", "port", "spool", "workers"}
-_FOLDER_KEYS = {"type", "path", "layout"}
-_DICOM_KEYS = {"type", "host", "port", "ae_title", "calling_ae_title", "timeout"}
+_NODE_KEYS = {"ae_title", "host", "port", "spool", "workers", "spool_max_size", "spool_min_free"}
+_FOLDER_KEYS = {"type", "path", "layout", "retry"}
+_DICOM_KEYS = {"type", "host", "port", "ae_title", "calling_ae_title", "timeout", "retry",
+               "accept_syntaxes", "idle_timeout", "max_per_association"}  # fmt: skip
+_RETRY_KEYS = {"initial_delay", "max_delay", "give_up_after", "max_failures"}
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}  # fmt: skip
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a string like '30s', '5m', '2h', '7d'; ValueError otherwise."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    if isinstance(value, str) and value[-1:] in _DURATION_UNITS:
+        number = float(value[:-1].strip())
+        if number >= 0:
+            return number * _DURATION_UNITS[value[-1]]
+    raise ValueError(f"expected a duration (seconds, or e.g. 30s, 5m, 2h, 7d), got {value!r}")
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from a number or a string like '500 MB', '20GiB'; ValueError otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        text = value.strip().upper()
+        digits = text.rstrip("KMGTIB").strip()
+        unit = text[len(text.rstrip("KMGTIB")) :].strip()
+        if unit in _SIZE_UNITS and digits:
+            number = float(digits)
+            if number >= 0:
+                return int(number * _SIZE_UNITS[unit])
+    raise ValueError(f"expected a size (bytes, or e.g. 500MB, 20GiB), got {value!r}")
+
+
 _RULE_KEYS = {"name", "match", "transcode", "send_to"}
 DEFAULT_LAYOUT = "{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
 
@@ -226,7 +286,51 @@ def _parse_node(c: _Checker, raw: _LineDict, base: Path) -> NodeSettings:
         port=c.integer(raw, "port", "node", 11112, 0, 65535),
         spool=(base / spool).resolve(),
         workers=c.integer(raw, "workers", "node", 0, 0, 256),
+        spool_max_size=c.converted(raw, "spool_max_size", "node", parse_size, 0),
+        spool_min_free=c.converted(raw, "spool_min_free", "node", parse_size, 1 << 30),
     )
+
+
+def _parse_retry(c: _Checker, m: _LineDict, where: str) -> RetryPolicy:
+    if "retry" not in m:
+        return RetryPolicy()
+    raw = c.mapping(m["retry"], m.key_lines["retry"], f"{where}.retry")
+    if raw is None:
+        return RetryPolicy()
+    where = f"{where}.retry"
+    c.keys(raw, where, _RETRY_KEYS, set())
+    default = RetryPolicy()
+    policy = RetryPolicy(
+        initial_delay=c.converted(
+            raw, "initial_delay", where, parse_duration, default.initial_delay
+        ),
+        max_delay=c.converted(raw, "max_delay", where, parse_duration, default.max_delay),
+        give_up_after=c.converted(
+            raw, "give_up_after", where, parse_duration, default.give_up_after
+        ),  # fmt: skip
+        max_failures=c.integer(raw, "max_failures", where, default.max_failures, 1, 1000),
+    )
+    if policy.initial_delay > policy.max_delay:
+        c.error(raw.line, f"{where}: initial_delay is longer than max_delay")
+    return policy
+
+
+def _parse_accept_syntaxes(c: _Checker, m: _LineDict, where: str) -> tuple[str, ...] | None:
+    if "accept_syntaxes" not in m:
+        return None
+    raw = m["accept_syntaxes"]
+    items = raw if isinstance(raw, list) else [raw]
+    lines = getattr(raw, "item_lines", [m.key_lines["accept_syntaxes"]] * len(items))
+    result = []
+    for item, line in zip(items, lines, strict=True):
+        found = lookup_syntax(item)
+        if found is None:
+            c.error(line, f"{where}.accept_syntaxes: unknown transfer syntax {item!r}")
+        else:
+            result.append(str(found))
+    if not result:
+        c.error(m.key_lines["accept_syntaxes"], f"{where}.accept_syntaxes: name at least one")
+    return tuple(result)
 
 
 def _parse_accept(c: _Checker, raw: _LineDict) -> AcceptPolicy:
@@ -261,7 +365,8 @@ def _parse_destination(
         problem = layout_problem(layout)
         if problem:
             c.error(m.key_lines.get("layout", m.line), f"{where}.layout: {problem}")
-        return FolderDestination(name, (base / c.string(m, "path", where, ".")).resolve(), layout)
+        path = (base / c.string(m, "path", where, ".")).resolve()
+        return FolderDestination(name, path, layout, _parse_retry(c, m, where))
     if kind == "dicom":
         c.keys(m, where, _DICOM_KEYS, {"type", "host", "port", "ae_title"})
         timeout = m.get("timeout", 30)
@@ -275,6 +380,10 @@ def _parse_destination(
             ae_title=c.ae_title(m, "ae_title", where, "ANY-SCP"),
             calling_ae_title=c.ae_title(m, "calling_ae_title", where, node_ae),
             timeout=float(timeout),
+            retry=_parse_retry(c, m, where),
+            accept_syntaxes=_parse_accept_syntaxes(c, m, where),
+            idle_timeout=c.converted(m, "idle_timeout", where, parse_duration, 5.0),
+            max_per_association=c.integer(m, "max_per_association", where, 0, 0, 1_000_000),
         )
     c.error(
         m.key_lines.get("type", m.line),

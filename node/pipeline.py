@@ -1,8 +1,9 @@
-"""The dispatcher: feeds spool entries to the codec worker processes, delivers their output,
-and completes the entry only when every destination of its rule has it.
+"""The dispatcher: feeds spool entries to the codec worker processes, makes their output
+durable and queues it for each destination of the rule (node/queue.py); one DestinationWorker
+per destination delivers. An entry is deleted only when every destination has it.
 
-Work in flight is bounded (two entries per worker), so memory stays flat whatever the senders
-do; the spool on disk is the queue.
+Codec work in flight is bounded (two entries per worker), so memory stays flat whatever the
+senders do; the spool on disk is the backlog.
 """
 
 from __future__ import annotations
@@ -15,16 +16,17 @@ import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from pathlib import PurePosixPath
+from pathlib import Path
 
-from node.config import Config, DicomDestination, FolderDestination
-from node.deliver import DeliveryError, deliver_to_folder, deliver_to_peer
+from node.config import Config
+from node.destination_worker import DestinationWorker
 from node.process import ProcessOutcome, process_entry
+from node.queue import QUEUE_FILE, DeliveryQueue, FinishedEntry, NewDelivery
 from node.spool import Spool, SpoolEntry
 
 log = logging.getLogger("dicom_node.pipeline")
 
-RETRY_DELAY = 5.0  # seconds before a failed delivery is tried again
+RETRY_DELAY = 5.0  # seconds before an entry whose processing failed unexpectedly is retried
 TASKS_PER_WORKER = 200  # recycle workers: pylibjpeg-openjpeg leaks per encode (FIELD-NOTES 3)
 CRASHES_BEFORE_AS_RECEIVED = 2
 
@@ -45,8 +47,13 @@ class Pipeline:
         self._crashes: dict[str, int] = {}
         self._stopping = threading.Event()
         self._executor = self._new_executor()
-        self._delivery = ThreadPoolExecutor(max_workers=8, thread_name_prefix="deliver")
+        self._enqueue = ThreadPoolExecutor(max_workers=2, thread_name_prefix="enqueue")
         self._thread = threading.Thread(target=self._dispatch, name="dispatch", daemon=True)
+        self.queue = DeliveryQueue(spool.root / QUEUE_FILE)
+        self.destinations = {
+            name: DestinationWorker(dest, self.queue, spool, self._entry_finished)
+            for name, dest in config.destinations.items()
+        }
 
     def _new_executor(self) -> ProcessPoolExecutor:
         # spawn (not fork): the parent has pynetdicom threads; max_tasks_per_child needs it too.
@@ -59,12 +66,16 @@ class Pipeline:
     def start(self) -> int:
         """Resume whatever the spool holds, then wait for new entries. Returns the backlog."""
         self.spool.discard_partial_writes()
-        for stale in self.spool.work.iterdir():
-            stale.unlink(missing_ok=True)  # outputs of an earlier run: recomputed
-        backlog = self.spool.pending()
+        for finished in self.queue.finished_entries():  # a crash between delivery and cleanup
+            self._entry_finished(finished)
+        self.spool.remove_orphan_outputs(self.queue.referenced_files())
+        queued = self.queue.known_entries()  # already processed: their deliveries resume
+        backlog = [e for e in self.spool.pending() if e.id not in queued]
         for entry in backlog:
             self.submit(entry)
         self._thread.start()
+        for worker in self.destinations.values():
+            worker.start()
         return len(backlog)
 
     def submit(self, entry: SpoolEntry) -> None:
@@ -87,7 +98,10 @@ class Pipeline:
         self._stopping.set()
         self._thread.join(timeout=5)
         self._executor.shutdown(wait=True, cancel_futures=True)
-        self._delivery.shutdown(wait=True, cancel_futures=True)
+        self._enqueue.shutdown(wait=True, cancel_futures=True)
+        for worker in self.destinations.values():
+            worker.stop()
+        self.queue.close()
 
     # --- dispatch ------------------------------------------------------------------------
 
@@ -136,37 +150,46 @@ class Pipeline:
             self._retry_later(entry)
             return
         if not self._stopping.is_set():
-            self._delivery.submit(self._deliver, outcome)
+            self._enqueue.submit(self._queue_deliveries, outcome)
 
-    def _deliver(self, outcome: ProcessOutcome) -> None:
+    def _queue_deliveries(self, outcome: ProcessOutcome) -> None:
         entry = outcome.entry
-        if outcome.quarantine_reason is not None:
-            path = self.spool.quarantine(entry, outcome.quarantine_reason)
-            log.warning("quarantined %s: %s", path, outcome.quarantine_reason)
-            self._finish(entry)
-            return
-        assert outcome.output is not None
-        failures = []
-        for name in outcome.send_to:
-            dest = self.config.destinations[name]
-            try:
-                if isinstance(dest, FolderDestination):
-                    rel = PurePosixPath(outcome.folder_paths[name])
-                    deliver_to_folder(dest, rel, outcome.output)
-                elif isinstance(dest, DicomDestination):
-                    deliver_to_peer(dest, outcome.output, outcome.sop_class, outcome.syntax_out)
-            except DeliveryError as exc:
-                failures.append(f"{name}: {exc}")
-            except Exception as exc:  # never let one destination's surprise lose the entry
-                failures.append(f"{name}: {type(exc).__name__}: {exc}")
-        if failures:
-            log.error("delivery of %s failed (%s); retrying in %.0f s",
-                      entry.id, "; ".join(failures), RETRY_DELAY)  # fmt: skip
+        try:
+            if outcome.quarantine_reason is not None:
+                path = self.spool.quarantine(entry, outcome.quarantine_reason)
+                log.warning("quarantined %s: %s", path, outcome.quarantine_reason)
+                return
+            assert outcome.output is not None
+            output = outcome.output
+            if output != entry.path:
+                output = self.spool.adopt_output(entry, output)
+            deliveries = [
+                NewDelivery(
+                    name,
+                    str(output),
+                    outcome.folder_paths.get(name),
+                    outcome.sop_class,
+                    outcome.syntax_out,
+                )  # fmt: skip
+                for name in outcome.send_to
+            ]
+            adopted = str(output) if output != entry.path else None
+            self.queue.add(entry.id, str(entry.path), adopted, deliveries)
+            log.info("%s", outcome.summary())
+            for name in outcome.send_to:
+                self.destinations[name].wake()
+        except Exception:
+            log.exception("could not queue %s; will retry", entry.id)
             self._retry_later(entry)
             return
-        self.spool.complete(entry)
-        log.info("%s", outcome.summary())
-        self._finish(entry)
+        finally:
+            self._finish(entry)
+
+    def _entry_finished(self, finished: FinishedEntry) -> None:
+        """Every destination has it (or dead-lettered a copy): delete the spool files."""
+        output = Path(finished.output) if finished.output else None
+        self.spool.complete(Path(finished.incoming), output)
+        self.queue.forget(finished.entry)
 
     def _retry_later(self, entry: SpoolEntry) -> None:
         def again() -> None:

@@ -100,6 +100,10 @@ class StorageSCP:
 
     def _on_store(self, event) -> int:
         requestor = event.assoc.requestor
+        problem = self.spool.room_problem()
+        if problem:  # the sender may retry later; never Success without storage
+            log.error("refused an instance from %s with 0xA700: %s", requestor.ae_title, problem)
+            return STATUS_OUT_OF_RESOURCES
         try:
             meta = event.file_meta
             meta.SourceApplicationEntityTitle = self.config.node.ae_title

@@ -5,8 +5,11 @@ Layout under the spool root:
   incoming/<time>-<random>.dcm   acknowledged instances, as received (DICOM Part 10 files; the
                                  calling and called AE titles are in the file meta, (0002,0017)
                                  Sending and (0002,0018) Receiving Application Entity Title)
-  work/<entry>.<n>.dcm           transcoded output waiting for delivery
+  work/<entry>.<n>.dcm           transcoder output being written (discarded on restart)
+  out/<entry>.dcm                transcoded output, fsync'd, waiting in the delivery queue
+  queue.sqlite3                  the delivery queue (node/queue.py)
   quarantine/<entry>.dcm         what the node could not route, with <entry>.reason.txt beside it
+  dead-letter/<destination>/     what a destination never took, with <entry>.reason.txt
   tmp/                           partial writes; anything here was never acknowledged
 """
 
@@ -14,8 +17,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,14 +78,38 @@ class SpoolEntry:
 
 
 class Spool:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, max_size: int = 0, min_free: int = 0):
         self.root = root
         self.incoming = root / "incoming"
         self.work = root / "work"
+        self.out = root / "out"
         self.quarantine_dir = root / "quarantine"
+        self.dead_letter_dir = root / "dead-letter"
         self.tmp = root / "tmp"
-        for d in (self.incoming, self.work, self.quarantine_dir, self.tmp):
+        for d in (self.incoming, self.work, self.out, self.quarantine_dir, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
+        self.max_size = max_size
+        self.min_free = min_free
+        self._lock = threading.Lock()
+        self._usage = sum(p.stat().st_size for d in (self.incoming, self.out) for p in d.iterdir())
+
+    @property
+    def usage(self) -> int:
+        """Bytes of instances waiting: received, and transcoded outputs."""
+        return self._usage
+
+    def _account(self, delta: int) -> None:
+        with self._lock:
+            self._usage = max(0, self._usage + delta)
+
+    def room_problem(self) -> str | None:
+        """Why a new instance must be refused (0xA700), or None."""
+        if self.max_size and self._usage >= self.max_size:
+            return f"spool holds {self._usage} bytes, the limit is {self.max_size}"
+        free = shutil.disk_usage(self.root).free
+        if free < self.min_free:
+            return f"{free} bytes free on the spool's disk, the floor is {self.min_free}"
+        return None
 
     def discard_partial_writes(self) -> int:
         """Remove leftovers of writes that never completed (nothing there was acknowledged)."""
@@ -94,7 +123,9 @@ class Spool:
         """Durably store one received instance; when this returns, Success may be sent."""
         name = f"{time.time_ns():020d}-{secrets.token_hex(6)}.dcm"
         path = self.incoming / name
-        write_durably(path, (part10_header(file_meta), dataset_bytes), self.tmp)
+        header = part10_header(file_meta)
+        write_durably(path, (header, dataset_bytes), self.tmp)
+        self._account(len(header) + len(dataset_bytes))
         return SpoolEntry(path)
 
     def pending(self) -> list[SpoolEntry]:
@@ -104,26 +135,75 @@ class Spool:
     def work_path(self, entry: SpoolEntry, index: int) -> Path:
         return self.work / f"{entry.id}.{index}.dcm"
 
+    def adopt_output(self, entry: SpoolEntry, work_file: Path) -> Path:
+        """Make a transcoder output durable before the queue refers to it."""
+        target = self.out / f"{entry.id}.dcm"
+        fd = os.open(work_file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(work_file, target)
+        fsync_directory(self.out)
+        self._account(target.stat().st_size)
+        return target
+
+    def remove_orphan_outputs(self, referenced: set[str]) -> None:
+        """Outputs no queue row refers to (a crash before they were queued)."""
+        for p in self.out.iterdir():
+            if str(p) not in referenced:
+                self._account(-p.stat().st_size)
+                p.unlink(missing_ok=True)
+        for stale in self.work.iterdir():
+            stale.unlink(missing_ok=True)
+
+    def dead_letter(self, destination: str, entry: str, source: Path, reason: str) -> Path:
+        """Keep a copy of what `destination` never took, with the reason; never deleted."""
+        folder = self.dead_letter_dir / destination
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"{entry}.dcm"
+        write_durably(folder / f"{entry}.reason.txt", (_stamped(reason),), self.tmp)
+        if not target.exists():
+            try:
+                os.link(source, self.tmp / target.name)
+                os.replace(self.tmp / target.name, target)
+                fsync_directory(folder)
+            except OSError:
+                write_durably(target, read_chunks(source), self.tmp)
+        return target
+
+    def is_dead_letter(self, path: Path) -> bool:
+        return path.is_relative_to(self.dead_letter_dir)
+
     def quarantine(self, entry: SpoolEntry, reason: str) -> Path:
         """Keep the instance, as received, with a reason file an operator can read."""
         target = self.quarantine_dir / entry.path.name
-        write_durably(
-            self.quarantine_dir / f"{entry.id}.reason.txt",
-            (f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} {reason}\n".encode(),),
-            self.tmp,
-        )
+        write_durably(self.quarantine_dir / f"{entry.id}.reason.txt", (_stamped(reason),), self.tmp)
+        self._account(-entry.path.stat().st_size)
         os.replace(entry.path, target)
         fsync_directory(self.quarantine_dir)
         fsync_directory(self.incoming)
         self._remove_work(entry)
         return target
 
-    def complete(self, entry: SpoolEntry) -> None:
-        """Every destination has the instance: forget it."""
-        entry.path.unlink(missing_ok=True)
+    def complete(self, incoming: Path, output: Path | None) -> None:
+        """Every destination has the instance (or dead-lettered it): forget it."""
+        for path in (incoming, output):
+            if path is not None and path.exists():
+                self._account(-path.stat().st_size)
+                path.unlink(missing_ok=True)
         fsync_directory(self.incoming)
-        self._remove_work(entry)
 
     def _remove_work(self, entry: SpoolEntry) -> None:
         for p in self.work.glob(f"{entry.id}.*"):
             p.unlink(missing_ok=True)
+
+
+def _stamped(reason: str) -> bytes:
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} {reason}\n".encode()
+
+
+def read_chunks(path: Path, size: int = 1 << 20) -> Iterator[bytes]:
+    with path.open("rb") as f:
+        while chunk := f.read(size):
+            yield chunk

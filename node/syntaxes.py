@@ -143,6 +143,17 @@ class TranscodeSpec:
 _TARGET_KEYS = {"syntax", "jls_error", "j2k_cr", "j2k_psnr", "mct"}
 
 
+def lookup_syntax(name: Any) -> UID | None:
+    """Any transfer syntax by pydicom keyword or dotted UID, or None if there is no such one."""
+    if not isinstance(name, str) or not name.strip():
+        return None
+    name = name.strip()
+    for uid_value, entry in UID_dictionary.items():
+        if entry[1] == "Transfer Syntax" and name in (uid_value, entry[4]):
+            return UID(uid_value)
+    return None
+
+
 def resolve_syntax(name: Any) -> UID | None:
     """'keep', a pydicom UID keyword or a dotted UID -> the UID (None for keep)."""
     if not isinstance(name, str) or not name.strip():

@@ -501,7 +501,7 @@ def test_unknown_key_in_node_suggests_the_close_one():
         """
     ) == [
         "node.yaml:3: node: unknown key 'prot' (did you mean 'port'?); "
-        "allowed: ae_title, host, port, spool, workers"
+        "allowed: ae_title, host, port, spool, spool_max_size, spool_min_free, workers"
     ]
 
 
@@ -536,7 +536,7 @@ def test_unknown_key_in_a_folder_destination_suggests_the_close_one():
         """
     ) == [
         "node.yaml:5: destinations.archive: unknown key 'layuot' (did you mean 'layout'?); "
-        "allowed: layout, path, type"
+        "allowed: layout, path, retry, type"
     ]
 
 
@@ -557,7 +557,7 @@ def test_unknown_key_in_a_dicom_destination_suggests_the_close_one():
     ) == [
         "node.yaml:7: destinations.pacs: unknown key 'calling_aet' "
         "(did you mean 'calling_ae_title'?); "
-        "allowed: ae_title, calling_ae_title, host, port, timeout, type"
+        "allowed: accept_syntaxes, ae_title, calling_ae_title, host, idle_timeout, max_per_association, port, retry, timeout, type"
     ]
 
 
@@ -1348,7 +1348,7 @@ SEVERAL_PROBLEMS_EXPECTED = [
     "2: node.port: expected a whole number from 0 to 65535, got int 99999",
     "8: destinations.archive.layout: '{Bogus}' is not a DICOM keyword",
     "14: destinations.pacs: unknown key 'colour'; "
-    "allowed: ae_title, calling_ae_title, host, port, timeout, type",
+    "allowed: accept_syntaxes, ae_title, calling_ae_title, host, idle_timeout, max_per_association, port, retry, timeout, type",
     "17: rule 'ct'.match: 'Modalty' is not a DICOM keyword (nor CallingAET / CalledAET)",
     "18: rule 'ct'.transcode: JPEG2000 needs exactly one of j2k_cr or j2k_psnr",
     "19: rule 'ct'.send_to: undefined destination 'nowhere' (known: archive, pacs)",
@@ -1390,7 +1390,7 @@ def test_load_config_reports_problems_with_the_files_path(tmp_path):
         load_config(path)
     assert [str(p) for p in info.value.problems] == [
         f"{path}:2: node: unknown key 'prot' (did you mean 'port'?); "
-        "allowed: ae_title, host, port, spool, workers",
+        "allowed: ae_title, host, port, spool, spool_max_size, spool_min_free, workers",
         f"{path}:3: rules: expected a non-empty list of rules",
     ]
 
