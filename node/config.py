@@ -5,6 +5,7 @@ Every problem is reported as `FILE:LINE: message`; the rest of the node never se
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 from collections.abc import Mapping
@@ -252,9 +253,10 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
         return float(value)
     if isinstance(value, str) and value[-1:] in _DURATION_UNITS:
-        number = float(value[:-1].strip())
-        if number >= 0:
-            return number * _DURATION_UNITS[value[-1]]
+        with contextlib.suppress(ValueError):
+            number = float(value[:-1].strip())
+            if number >= 0:
+                return number * _DURATION_UNITS[value[-1]]
     raise ValueError(f"expected a duration (seconds, or e.g. 30s, 5m, 2h, 7d), got {value!r}")
 
 
@@ -267,9 +269,10 @@ def parse_size(value: Any) -> int:
         digits = text.rstrip("KMGTIB").strip()
         unit = text[len(text.rstrip("KMGTIB")) :].strip()
         if unit in _SIZE_UNITS and digits:
-            number = float(digits)
-            if number >= 0:
-                return int(number * _SIZE_UNITS[unit])
+            with contextlib.suppress(ValueError):
+                number = float(digits)
+                if number >= 0:
+                    return int(number * _SIZE_UNITS[unit])
     raise ValueError(f"expected a size (bytes, or e.g. 500MB, 20GiB), got {value!r}")
 
 
@@ -328,7 +331,7 @@ def _parse_accept_syntaxes(c: _Checker, m: _LineDict, where: str) -> tuple[str, 
             c.error(line, f"{where}.accept_syntaxes: unknown transfer syntax {item!r}")
         else:
             result.append(str(found))
-    if not result:
+    if not items:
         c.error(m.key_lines["accept_syntaxes"], f"{where}.accept_syntaxes: name at least one")
     return tuple(result)
 

@@ -207,3 +207,121 @@ def node_factory(tmp_path: Path) -> Iterator[Callable[..., RunningNode]]:
         if node.process.poll() is None:
             os.killpg(node.process.pid, signal.SIGKILL)
             node.process.wait()
+
+
+# --- downstream peers -------------------------------------------------------------------------
+
+
+@dataclass
+class Orthanc:
+    """A real Orthanc (Debian package) on free ports, with its own storage folder."""
+
+    root: Path
+    dicom_port: int
+    http_port: int
+    process: subprocess.Popen | None = None
+
+    def start(self) -> Orthanc:
+        import json
+
+        require("Orthanc")
+        self.root.mkdir(parents=True, exist_ok=True)
+        config = self.root / "orthanc.json"
+        config.write_text(json.dumps({
+            "Name": "test", "StorageDirectory": str(self.root / "db"),
+            "IndexDirectory": str(self.root / "db"), "DicomAet": "ORTHANC",
+            "DicomPort": self.dicom_port, "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False, "Plugins": [],
+        }))  # fmt: skip
+        log = (self.root / "orthanc.log").open("ab")
+        self.process = subprocess.Popen(
+            ["Orthanc", str(config)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        wait_for(lambda: self._alive() and self._get("/system") is not None, 60, "Orthanc")
+        return self
+
+    def _alive(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"Orthanc exited: {(self.root / 'orthanc.log').read_text()}")
+        return True
+
+    def _get(self, path: str):
+        import json
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.http_port}{path}", timeout=10
+            ) as r:
+                data = r.read()
+        except OSError:
+            return None
+        return data if path.endswith("/file") else json.loads(data)
+
+    def count(self) -> int:
+        stats = self._get("/statistics")
+        return int(stats["CountInstances"]) if stats else 0
+
+    def wait_count(self, count: int, timeout: float = 120) -> None:
+        wait_for(lambda: self.count() >= count, timeout, f"{count} instances in Orthanc")
+
+    def datasets(self) -> list:
+        from io import BytesIO
+
+        return [
+            dcmread(BytesIO(self._get(f"/instances/{i}/file"))) for i in self._get("/instances")
+        ]
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    server = Orthanc(tmp_path / "orthanc", free_port(), free_port())
+    yield server
+    server.stop()
+
+
+class ScriptedPeer:
+    """A pynetdicom Storage SCP answering C-STOREs with a scripted sequence of statuses
+    (then Success), counting associations; accepts uncompressed and JPEG-LS."""
+
+    def __init__(self, statuses: list[int] | None = None):
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+        from pynetdicom.presentation import StoragePresentationContexts  # noqa: F401
+
+        self.statuses = list(statuses or [])
+        self.received: list = []
+        self.associations = 0
+        self.port = free_port()
+        ae = AE(ae_title="PEER")
+        syntaxes = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.80"]
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, syntaxes)
+        handlers = [(evt.EVT_C_STORE, self._store), (evt.EVT_ESTABLISHED, self._established)]
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
+        self.ae = ae
+
+    def _established(self, event) -> None:
+        self.associations += 1
+
+    def _store(self, event) -> int:
+        if self.statuses:
+            return self.statuses.pop(0)
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        self.received.append(ds)
+        return 0x0000
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.ae.shutdown()

@@ -24,6 +24,7 @@ from node.config import (
     FolderDestination,
     NodeSettings,
     Problem,
+    RetryPolicy,
     load_config,
     parse_config,
 )
@@ -557,7 +558,8 @@ def test_unknown_key_in_a_dicom_destination_suggests_the_close_one():
     ) == [
         "node.yaml:7: destinations.pacs: unknown key 'calling_aet' "
         "(did you mean 'calling_ae_title'?); "
-        "allowed: accept_syntaxes, ae_title, calling_ae_title, host, idle_timeout, max_per_association, port, retry, timeout, type"
+        "allowed: accept_syntaxes, ae_title, calling_ae_title, host, idle_timeout, "
+        "max_per_association, port, retry, timeout, type"
     ]
 
 
@@ -1348,7 +1350,8 @@ SEVERAL_PROBLEMS_EXPECTED = [
     "2: node.port: expected a whole number from 0 to 65535, got int 99999",
     "8: destinations.archive.layout: '{Bogus}' is not a DICOM keyword",
     "14: destinations.pacs: unknown key 'colour'; "
-    "allowed: accept_syntaxes, ae_title, calling_ae_title, host, idle_timeout, max_per_association, port, retry, timeout, type",
+    "allowed: accept_syntaxes, ae_title, calling_ae_title, host, idle_timeout, "
+    "max_per_association, port, retry, timeout, type",
     "17: rule 'ct'.match: 'Modalty' is not a DICOM keyword (nor CallingAET / CalledAET)",
     "18: rule 'ct'.transcode: JPEG2000 needs exactly one of j2k_cr or j2k_psnr",
     "19: rule 'ct'.send_to: undefined destination 'nowhere' (known: archive, pacs)",
@@ -1512,3 +1515,59 @@ def test_config_objects_are_immutable(tmp_path):
         config.rules[0].name = "other"  # type: ignore[misc]
     assert isinstance(config.rules, tuple)
     assert isinstance(config.rules[0].send_to, tuple)
+
+
+# --- delivery settings -------------------------------------------------------------------------
+
+
+def test_delivery_settings_parse_durations_sizes_and_syntaxes():
+    config = parse(
+        """\
+        node: {spool_max_size: 20GiB, spool_min_free: 500 MB}
+        destinations:
+          pacs:
+            type: dicom
+            host: 10.0.0.5
+            port: 104
+            ae_title: PACS
+            accept_syntaxes: [JPEGLSLossless, 1.2.840.10008.1.2.1]
+            idle_timeout: 30s
+            max_per_association: 500
+            retry: {initial_delay: 1.5, max_delay: 10m, give_up_after: 2d, max_failures: 3}
+        rules:
+          - {name: r, send_to: [pacs]}
+        """
+    )
+    assert (config.node.spool_max_size, config.node.spool_min_free) == (20 << 30, 500_000_000)
+    pacs = config.destinations["pacs"]
+    assert pacs.accept_syntaxes == (uid.JPEGLSLossless, uid.ExplicitVRLittleEndian)
+    assert (pacs.idle_timeout, pacs.max_per_association) == (30.0, 500)
+    assert pacs.retry == RetryPolicy(1.5, 600.0, 2 * 86400.0, 3)
+
+
+def test_bad_delivery_settings_name_their_lines():
+    assert problems(
+        """\
+        node: {spool_min_free: lots}      # <- 1
+        destinations:
+          pacs:
+            type: dicom
+            host: h
+            port: 104
+            ae_title: PACS
+            accept_syntaxes: [JPEGLS]     # <- 8
+            retry:
+              initial_delay: 10m
+              max_delay: 1m               # 9: initial above max
+              give_up_after: soon         # <- 12
+        rules:
+          - {name: r, send_to: [pacs]}
+        """
+    ) == [
+        "node.yaml:1: node.spool_min_free: expected a size (bytes, or e.g. 500MB, 20GiB), "
+        "got 'lots'",
+        "node.yaml:8: destinations.pacs.accept_syntaxes: unknown transfer syntax 'JPEGLS'",
+        "node.yaml:10: destinations.pacs.retry: initial_delay is longer than max_delay",
+        "node.yaml:12: destinations.pacs.retry.give_up_after: expected a duration (seconds, "
+        "or e.g. 30s, 5m, 2h, 7d), got 'soon'",
+    ]

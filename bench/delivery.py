@@ -1,0 +1,784 @@
+"""Delivery benchmark: how fast instances get from a sender to a PACS (Orthanc), with and
+without dicom-node in between, and how the node drains its backlog after a PACS outage.
+
+Run from the repository root:
+
+    .venv/bin/python bench/delivery.py [--count N] [--keep]
+
+Corpus: N CT slices (512x512, signed 16-bit, Explicit VR Little Endian) made from pydicom-data's
+693_UNCR.dcm, each with different pixel values and fresh UIDs (one study and one series per run).
+The node forwards them unchanged (`transcode: {syntax: keep}`), so this measures delivery, not
+codecs. The sender is DCMTK storescu (one association for all files, TCP_NODELAY=1).
+
+Scenarios, each with its own Orthanc (fresh storage) and its own node (fresh spool):
+  1. direct    storescu -> Orthanc, no node: images/s until Orthanc's CountInstances has all N.
+  2. reuse     storescu -> node -> Orthanc with max_per_association 0 (one association reused):
+               time from the start of storescu until Orthanc has all N; also when storescu had
+               all its acknowledgements. Ends with a check that an instance fetched back from
+               Orthanc is one that was sent, with byte-identical pixel data.
+  3. no reuse  the same with max_per_association 1 (a new association per instance).
+  4. drain     for both settings: Orthanc stopped, N sent to the node (all acknowledged and
+               queued), Orthanc kept down until the node has failed 3 tries (its backoff is then
+               at max_delay, as after any long outage), then started again on the same ports and
+               storage; delivery rate from the first to the last arrival, and recovery time from
+               "Orthanc answers HTTP" to the first and to the last arrival (the node retries with
+               backoff: initial_delay 1 s, doubling, max_delay 4 s, times a jitter of 0.5-1).
+
+Before each measurement one warm-up instance (its own study) goes the same way, so the node's
+codec worker processes and Orthanc are started before the clock runs; counts are relative to it.
+Orthanc is polled every 50 ms, so arrival times are +-0.05 s.
+
+Every process started here (Orthanc, the node, storescu) runs in its own process group and is
+stopped in a `finally`, also on Ctrl-C and SIGTERM. The temporary folder is removed at the end
+(with --keep, or after a failure, the logs are kept and their folder is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pynetdicom
+from pydicom.uid import generate_uid
+
+ROOT = Path(__file__).resolve().parent.parent
+NODE = ROOT / ".venv" / "bin" / "dicom-node"
+ORTHANC = "/usr/sbin/Orthanc"
+STORESCU = shutil.which("storescu") or "/usr/bin/storescu"
+NODE_AET = "DICOM-NODE"
+ORTHANC_AET = "ORTHANC"
+POLL = 0.05  # seconds between polls of Orthanc's instance count
+START_TIMEOUT = 60.0  # seconds for Orthanc or the node to become ready
+LOG_RECORD_START = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")
+LOG_TROUBLE = re.compile(r" (WARNING|ERROR|CRITICAL) |Traceback")
+# What the node is expected to log while Orthanc is down: its own retry warning, and pynetdicom
+# reporting the dropped association and the refused connections.
+RETRY_WARNING = re.compile(r"WARNING dicom_node\.deliver: orthanc: .*; next try in ")
+OUTAGE_NOISE = re.compile(
+    r"ERROR pynetdicom\.(dul: Connection closed before the entire PDU was received"
+    r"|dul: \[Errno 104\] Connection reset by peer"
+    r"|transport: Association request failed: unable to connect to remote"
+    r"|transport: TCP Initialisation Error: \[Errno 111\] Connection refused)"
+)
+OUTAGE_MIN_RETRIES = 3  # failed tries before Orthanc comes back: the backoff is at max_delay
+# The local REST API must not go through an http_proxy from the environment.
+_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class BenchError(Exception):
+    pass
+
+
+# --- processes and ports -------------------------------------------------------------------
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free TCP ports on 127.0.0.1 (bound to port 0 together, then released)."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+class Processes:
+    """Every long-running child, each the leader of its own process group."""
+
+    def __init__(self) -> None:
+        self._procs: list[subprocess.Popen] = []
+
+    def start(
+        self, argv: list[str], log: Path, cwd: Path | None = None, env: dict | None = None
+    ) -> subprocess.Popen:
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        self._procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen, grace: float = 15.0) -> None:
+        """SIGTERM the group, SIGKILL it after `grace` s; then SIGKILL whatever is left in the
+        group (the node's codec worker processes, should the node have died without them)."""
+        if proc.poll() is None:
+            _signal_group(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        _signal_group(proc.pid, signal.SIGKILL)
+        if proc in self._procs:
+            self._procs.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in reversed(list(self._procs)):
+            try:
+                self.stop(proc, grace=5.0)
+            except Exception as exc:  # keep going: the others must still be stopped
+                print(f"warning: could not stop pid {proc.pid}: {exc}", file=sys.stderr)
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return f"(no log at {path})"
+    return "\n".join(f"    {line}" for line in text[-lines:])
+
+
+# --- corpus --------------------------------------------------------------------------------
+
+
+@dataclass
+class Corpus:
+    files: list[Path]
+    warmups: list[Path]
+    sop_uids: dict[str, Path]  # SOPInstanceUID -> file, for the measured instances
+    bytes_total: int
+
+
+def make_corpus(folder: Path, count: int, warmups: int) -> Corpus:
+    import data_store
+
+    source = Path(data_store.__file__).parent / "data" / "693_UNCR.dcm"
+    ds = pydicom.dcmread(source)
+    base = ds.pixel_array.astype(np.int32)
+    lo = -(1 << (ds.BitsStored - 1)) if ds.PixelRepresentation else 0
+    hi = (1 << (ds.BitsStored - 1)) - 1 if ds.PixelRepresentation else (1 << ds.BitsStored) - 1
+    dtype = np.dtype("<i2") if ds.PixelRepresentation else np.dtype("<u2")
+    study, series = generate_uid(), generate_uid()
+
+    def write(path: Path, i: int, study_uid: str, series_uid: str) -> str:
+        pixels = np.clip(base + (i % 1000), lo, hi).astype(dtype)
+        uid = generate_uid()
+        ds.PixelData = pixels.tobytes()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+        ds.InstanceNumber = i + 1
+        ds.save_as(path, enforce_file_format=True)
+        return uid
+
+    folder.mkdir(parents=True)
+    (folder / "warmup").mkdir()
+    files, uids = [], {}
+    for i in range(count):
+        path = folder / f"ct{i:05d}.dcm"
+        uids[write(path, i, study, series)] = path
+        files.append(path)
+    warm = []
+    for k in range(warmups):  # each its own study, so it is easy to tell apart
+        path = folder / "warmup" / f"warmup{k}.dcm"
+        write(path, 999 - k, generate_uid(), generate_uid())
+        warm.append(path)
+    return Corpus(files, warm, uids, sum(f.stat().st_size for f in files))
+
+
+# --- Orthanc -------------------------------------------------------------------------------
+
+
+def http_get(port: int, path: str, timeout: float = 5.0) -> bytes:
+    with _HTTP.open(f"http://127.0.0.1:{port}{path}", timeout=timeout) as response:
+        return response.read()
+
+
+class Orthanc:
+    def __init__(self, procs: Processes, folder: Path, log: Path):
+        self.procs = procs
+        self.folder = folder
+        self.log = log
+        self.dicom_port, self.http_port = free_ports(2)
+        self.proc: subprocess.Popen | None = None
+        folder.mkdir(parents=True)
+        storage = str(folder / "storage")
+        config = {
+            "Name": "bench", "StorageDirectory": storage, "IndexDirectory": storage,
+            "DicomAet": ORTHANC_AET, "DicomPort": self.dicom_port, "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False, "Plugins": [],
+        }  # fmt: skip
+        self.config = folder / "orthanc.json"
+        self.config.write_text(json.dumps(config, indent=2))
+
+    def start(self) -> float:
+        """Start Orthanc (same ports and storage on a restart); the time /system answered."""
+        self.proc = self.procs.start([ORTHANC, str(self.config)], self.log, cwd=self.folder)
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.proc.poll() is not None:
+                raise BenchError(
+                    f"Orthanc exited with status {self.proc.returncode}:\n{tail(self.log)}"
+                )
+            try:
+                http_get(self.http_port, "/system", timeout=2)
+                return time.monotonic()
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise BenchError(f"Orthanc did not answer within {START_TIMEOUT:.0f} s")
+            time.sleep(POLL)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.procs.stop(self.proc)
+            self.proc = None
+
+    def count(self) -> int:
+        return int(json.loads(http_get(self.http_port, "/statistics"))["CountInstances"])
+
+
+# --- the node ------------------------------------------------------------------------------
+
+NODE_CONFIG = """\
+node: {{ae_title: {aet}, host: 127.0.0.1, port: {port}, spool: ./spool, workers: 2}}
+destinations:
+  orthanc:
+    type: dicom
+    host: 127.0.0.1
+    port: {orthanc_port}
+    ae_title: {orthanc_aet}
+    max_per_association: {per_association}
+    idle_timeout: 5
+    retry: {{initial_delay: 1, max_delay: 4, give_up_after: 1h, max_failures: 5}}
+rules:
+  - {{name: all, transcode: {{syntax: keep}}, send_to: [orthanc]}}
+"""
+
+
+@dataclass
+class QueueState:
+    pending: int
+    retries: int
+    dead: int
+    last_error: str
+
+
+class Node:
+    def __init__(
+        self, procs: Processes, folder: Path, log: Path, orthanc_port: int, per_association: int
+    ):
+        self.procs = procs
+        self.folder = folder
+        self.log = log
+        self.port = free_ports(1)[0]
+        self.proc: subprocess.Popen | None = None
+        folder.mkdir(parents=True)
+        self.config = folder / "node.yaml"
+        self.config.write_text(
+            NODE_CONFIG.format(
+                aet=NODE_AET, port=self.port, orthanc_port=orthanc_port,
+                orthanc_aet=ORTHANC_AET, per_association=per_association,
+            )  # fmt: skip
+        )
+
+    def start(self) -> None:
+        argv = [str(NODE), "serve", "-c", str(self.config)]
+        self.proc = self.procs.start(argv, self.log, cwd=self.folder)
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.proc.poll() is not None:
+                raise BenchError(
+                    f"the node exited with status {self.proc.returncode}:\n{tail(self.log)}"
+                )
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise BenchError(f"the node did not listen within {START_TIMEOUT:.0f} s")
+            time.sleep(POLL)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.procs.stop(self.proc, grace=40.0)  # it finishes work in flight (up to 30 s)
+            self.proc = None
+
+    def queue(self) -> QueueState:
+        """`dicom-node queue` for the orthanc destination."""
+        done = subprocess.run(
+            [str(NODE), "queue", "-c", str(self.config)],
+            cwd=self.folder, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        for line in done.stdout.splitlines():
+            fields = line.split(None, 5)
+            if fields and fields[0] == "orthanc" and len(fields) >= 5:
+                return QueueState(int(fields[1]), int(fields[3]), int(fields[4]),
+                                  fields[5] if len(fields) > 5 else "")  # fmt: skip
+        if "no queue yet" in done.stdout:
+            return QueueState(0, 0, 0, "")
+        raise BenchError(f"cannot read `dicom-node queue`:\n{done.stdout}{done.stderr}")
+
+    def log_records(self) -> list[str]:
+        """The log, one string per record (a traceback stays with the line that logged it)."""
+        lines = self.log.read_text(errors="replace").splitlines() if self.log.exists() else []
+        records: list[str] = []
+        for line in lines:
+            if records and not LOG_RECORD_START.match(line):
+                records[-1] += "\n" + line
+            else:
+                records.append(line)
+        return records
+
+
+# --- sending and watching ------------------------------------------------------------------
+
+
+class Sender:
+    """One storescu run; `done_at` is when it exited (it had every acknowledgement)."""
+
+    def __init__(self, procs: Processes, port: int, aet: str, files: list[Path], log: Path):
+        env = dict(os.environ, TCP_NODELAY="1")
+        argv = [STORESCU, "-aec", aet, "127.0.0.1", str(port), *map(str, files)]
+        self.procs = procs
+        self.log = log
+        self.count = len(files)
+        self.done_at: float | None = None
+        self.started = time.monotonic()
+        self.proc = procs.start(argv, log, env=env)
+        self._waiter = threading.Thread(target=self._wait, daemon=True)
+        self._waiter.start()
+
+    def _wait(self) -> None:
+        self.proc.wait()
+        self.done_at = time.monotonic()
+
+    def check(self) -> None:
+        if self.done_at is not None and self.proc.returncode != 0:
+            raise BenchError(f"storescu exited with status {self.proc.returncode}:\n"
+                             f"{tail(self.log)}")  # fmt: skip
+
+    def wait(self, timeout: float) -> float:
+        """Seconds from start until storescu exited successfully."""
+        deadline = time.monotonic() + timeout
+        while self.done_at is None:
+            if time.monotonic() > deadline:
+                raise BenchError(f"storescu did not finish within {timeout:.0f} s")
+            time.sleep(POLL)
+        self.check()
+        self.procs.stop(self.proc)
+        return self.done_at - self.started
+
+
+@dataclass
+class Arrivals:
+    first: float  # monotonic time the first new instance was seen in Orthanc
+    last: float  # ... and the last
+    extra: int = 0  # instances beyond the expected count (should be 0)
+
+
+def watch(
+    orthanc: Orthanc, base: int, expected: int, timeout: float, sender: Sender | None = None
+) -> Arrivals:
+    """Poll Orthanc until it has `expected` instances more than `base` (and `sender`, if any,
+    has exited). Raises BenchError at the deadline, saying how many arrived."""
+    deadline = time.monotonic() + timeout
+    first = last = None
+    got = 0
+    while True:
+        got = orthanc.count() - base
+        now = time.monotonic()
+        if got > 0 and first is None:
+            first = now
+        if got >= expected and last is None:
+            last = now
+        if sender is not None:
+            sender.check()
+        if last is not None and (sender is None or sender.done_at is not None):
+            if sender is not None:
+                sender.procs.stop(sender.proc)
+            return Arrivals(first, last, got - expected)
+        if now > deadline:
+            state = "" if sender is None else (
+                "; storescu finished" if sender.done_at else "; storescu still running"
+            )  # fmt: skip
+            raise BenchError(f"after {timeout:.0f} s Orthanc has {got} of {expected}{state}")
+        time.sleep(POLL)
+
+
+# --- scenarios -----------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    scenario: str
+    images: int
+    seconds: float
+    notes: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else float("inf")
+
+
+@dataclass
+class Recovery:
+    label: str
+    first: float  # seconds from Orthanc ready to the first arrival (<0: before ready)
+    last: float
+
+
+@dataclass
+class Bench:
+    procs: Processes
+    work: Path
+    logs: Path
+    corpus: Corpus
+    count: int
+    timeout: float
+    rows: list[Row] = field(default_factory=list)
+    recoveries: list[Recovery] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    checks: list[str] = field(default_factory=list)
+    _warmup: int = 0
+
+    def warmup_file(self) -> list[Path]:
+        path = self.corpus.warmups[self._warmup]
+        self._warmup += 1
+        return [path]
+
+    def log(self, message: str) -> None:
+        print(f"  {message}", file=sys.stderr, flush=True)
+
+    def _orthanc(self, tag: str) -> Orthanc:
+        return Orthanc(self.procs, self.work / f"{tag}-orthanc", self.logs / f"{tag}-orthanc.log")
+
+    def _node(self, tag: str, orthanc: Orthanc, per_association: int) -> Node:
+        return Node(self.procs, self.work / f"{tag}-node", self.logs / f"{tag}-node.log",
+                    orthanc.dicom_port, per_association)  # fmt: skip
+
+    def warm_up(self, orthanc: Orthanc, port: int, aet: str, tag: str) -> int:
+        """One instance the same way as the measurement; returns Orthanc's count after it."""
+        base = orthanc.count()
+        sender = Sender(self.procs, port, aet, self.warmup_file(), self.logs / f"{tag}-warmup.log")
+        watch(orthanc, base, 1, START_TIMEOUT, sender)
+        return base + 1
+
+    def direct(self) -> None:
+        self.log("direct: storescu -> Orthanc")
+        orthanc = self._orthanc("direct")
+        try:
+            orthanc.start()
+            base = self.warm_up(orthanc, orthanc.dicom_port, ORTHANC_AET, "direct")
+            sender = Sender(self.procs, orthanc.dicom_port, ORTHANC_AET, self.corpus.files,
+                            self.logs / "direct-storescu.log")  # fmt: skip
+            got = watch(orthanc, base, self.count, self.timeout, sender)
+            acked = sender.done_at - sender.started
+            self.rows.append(Row("1 direct: storescu -> Orthanc (no node)", self.count,
+                                 got.last - sender.started,
+                                 f"storescu done after {acked:.2f} s"))  # fmt: skip
+            self._extra(got, "direct")
+        finally:
+            orthanc.stop()
+            shutil.rmtree(orthanc.folder, ignore_errors=True)
+
+    def through_node(self, per_association: int, verify: bool) -> None:
+        tag = f"live-{per_association}"
+        label = _label(per_association)
+        self.log(f"through the node, {label}")
+        orthanc = self._orthanc(tag)
+        node = self._node(tag, orthanc, per_association)
+        try:
+            orthanc.start()
+            node.start()
+            base = self.warm_up(orthanc, node.port, NODE_AET, tag)
+            sender = Sender(self.procs, node.port, NODE_AET, self.corpus.files,
+                            self.logs / f"{tag}-storescu.log")  # fmt: skip
+            got = watch(orthanc, base, self.count, self.timeout, sender)
+            acked = sender.done_at - sender.started
+            number = 2 if per_association == 0 else 3
+            self.rows.append(Row(
+                f"{number} via node, {label}", self.count, got.last - sender.started,
+                f"storescu had all acks after {acked:.2f} s ({self.count / acked:.1f} img/s); "
+                f"first arrival after {got.first - sender.started:.2f} s",
+            ))  # fmt: skip
+            self._extra(got, tag)
+            if verify:
+                self.checks.append(self._verify(orthanc))
+            self._after(node, tag, outage=False)
+        finally:
+            node.stop()
+            orthanc.stop()
+            self._node_log(node, tag, outage=False)
+            shutil.rmtree(orthanc.folder, ignore_errors=True)
+            shutil.rmtree(node.folder, ignore_errors=True)
+
+    def drain(self, per_association: int) -> None:
+        tag = f"drain-{per_association}"
+        label = _label(per_association)
+        self.log(f"drain after an outage, {label}")
+        orthanc = self._orthanc(tag)
+        node = self._node(tag, orthanc, per_association)
+        try:
+            orthanc.start()
+            node.start()
+            base = self.warm_up(orthanc, node.port, NODE_AET, tag)
+            orthanc.stop()  # the outage begins
+            outage = time.monotonic()
+            sender = Sender(self.procs, node.port, NODE_AET, self.corpus.files,
+                            self.logs / f"{tag}-storescu.log")  # fmt: skip
+            acked = sender.wait(self.timeout)
+            self._wait_queued(node)
+            down = time.monotonic() - outage
+            ready = orthanc.start()  # the outage ends
+            at_ready = orthanc.count() - base
+            got = watch(orthanc, base, self.count, self.timeout)
+            self.rows.append(Row(
+                f"{4 if per_association == 0 else 5} drain after outage, {label}", self.count,
+                got.last - got.first,
+                f"first->last arrival; Orthanc ready->all {got.last - ready:.2f} s "
+                f"({self.count / (got.last - ready):.1f} img/s); node acked {self.count} in "
+                f"{acked:.2f} s ({self.count / acked:.1f} img/s) while Orthanc was down "
+                f"({down:.1f} s)",
+            ))  # fmt: skip
+            first = 0.0 if at_ready > 0 else got.first - ready
+            self.recoveries.append(Recovery(label, first, got.last - ready))
+            if at_ready > 0:
+                self.problems.append(f"{tag}: {at_ready} instance(s) were already in Orthanc "
+                                     "when its REST API first answered")  # fmt: skip
+            self._extra(got, tag)
+            self._after(node, tag, outage=True)
+        finally:
+            node.stop()
+            orthanc.stop()
+            self._node_log(node, tag, outage=True)
+            shutil.rmtree(orthanc.folder, ignore_errors=True)
+            shutil.rmtree(node.folder, ignore_errors=True)
+
+    def _wait_queued(self, node: Node) -> None:
+        """Until every acknowledged instance waits in the delivery queue and the node has failed
+        OUTAGE_MIN_RETRIES times (so the backoff has reached max_delay, as in a long outage)."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            state = node.queue()
+            if state.dead:
+                raise BenchError(f"{state.dead} instance(s) dead-lettered during the outage: "
+                                 f"{state.last_error}")  # fmt: skip
+            if state.pending >= self.count and state.retries >= OUTAGE_MIN_RETRIES:
+                return
+            if time.monotonic() > deadline:
+                raise BenchError(f"{state.pending} of {self.count} queued for delivery and "
+                                 f"{state.retries} failed tries after {self.timeout:.0f} s")
+            time.sleep(0.2)
+
+    def _after(self, node: Node, tag: str, outage: bool) -> None:
+        state = node.queue()
+        if state.pending or state.dead:
+            self.problems.append(f"{tag}: after delivery `dicom-node queue` shows "
+                                 f"pending={state.pending} dead={state.dead} {state.last_error}")
+        incoming = node.folder / "spool" / "incoming"
+        left = list(incoming.glob("*.dcm")) if incoming.exists() else []
+        if left:  # deletion happens right after delivery; give it a moment with a deadline
+            deadline = time.monotonic() + 10
+            while left and time.monotonic() < deadline:
+                time.sleep(0.1)
+                left = list(incoming.glob("*.dcm"))
+            if left:
+                self.problems.append(f"{tag}: {len(left)} file(s) left in spool/incoming "
+                                     "although everything was delivered")  # fmt: skip
+
+    def _node_log(self, node: Node, tag: str, outage: bool) -> None:
+        """Unexpected WARNING/ERROR records become problems; the outage's are counted."""
+        retries = noise = 0
+        problems = []
+        for record in node.log_records():
+            if outage and RETRY_WARNING.search(record):
+                retries += 1
+            elif outage and OUTAGE_NOISE.search(record):
+                noise += 1
+            elif LOG_TROUBLE.search(record):
+                problems.append(record)
+        for record in problems[:10]:
+            self.problems.append(f"{tag} node log: {record}")
+        if len(problems) > 10:
+            self.problems.append(f"{tag} node log: ... {len(problems) - 10} more such records")
+        if outage:
+            self.checks.append(
+                f"{tag}: during the outage the node logged {retries} retry warning(s) and "
+                f"{noise} pynetdicom ERROR record(s) about the lost/refused connection (expected)"
+            )
+
+    def _extra(self, got: Arrivals, tag: str) -> None:
+        if got.extra:
+            self.problems.append(f"{tag}: Orthanc has {got.extra} more instance(s) than sent")
+
+    def _verify(self, orthanc: Orthanc) -> str:
+        """Fetch one measured instance back from Orthanc; same SOPInstanceUID, same pixels."""
+        ids = json.loads(http_get(orthanc.http_port, "/instances"))
+        random.shuffle(ids)
+        for orthanc_id in ids[:5]:
+            data = http_get(orthanc.http_port, f"/instances/{orthanc_id}/file", timeout=30)
+            ds = pydicom.dcmread(io.BytesIO(data))
+            sent = self.corpus.sop_uids.get(str(ds.SOPInstanceUID))
+            if sent is None:
+                if any(str(ds.SOPInstanceUID) == str(pydicom.dcmread(w).SOPInstanceUID)
+                       for w in self.corpus.warmups):  # fmt: skip
+                    continue  # the warm-up instance: try another
+                raise BenchError(f"Orthanc holds SOPInstanceUID {ds.SOPInstanceUID}, not sent")
+            original = pydicom.dcmread(sent)
+            if ds.PixelData != original.PixelData:
+                raise BenchError(f"pixel data of {ds.SOPInstanceUID} differs from {sent.name}")
+            return (f"live-0: Orthanc instance {orthanc_id} is {sent.name} "
+                    f"(SOPInstanceUID {ds.SOPInstanceUID}), pixel data byte-identical")
+        raise BenchError("could not find a measured instance in Orthanc to verify")
+
+
+def _label(per_association: int) -> str:
+    return ("reuse association (max_per_association 0)" if per_association == 0
+            else "new association per instance (max_per_association 1)")  # fmt: skip
+
+
+# --- report --------------------------------------------------------------------------------
+
+
+def first_line(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown ({exc})"
+    lines = (done.stdout or done.stderr).strip().splitlines()
+    return lines[0] if lines else "unknown"
+
+
+def print_report(bench: Bench, elapsed: float, corpus_seconds: float) -> None:
+    header = ("scenario", "images", "seconds", "images/s", "notes")
+    body = [
+        (r.scenario, str(r.images), f"{r.seconds:.2f}", f"{r.rate:.1f}", r.notes)
+        for r in bench.rows
+    ]
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(4)]
+
+    def fmt(row: tuple[str, ...]) -> str:
+        cells = [row[0].ljust(widths[0])] + [row[i].rjust(widths[i]) for i in (1, 2, 3)]
+        return " | ".join([*cells, row[4]])
+
+    size = bench.corpus.bytes_total / len(bench.corpus.files) / 1024
+    print()
+    print(f"dicom-node delivery benchmark: {bench.count} CT images, 512x512 16-bit, "
+          f"{size:.0f} KiB each, Explicit VR LE, forwarded as received")  # fmt: skip
+    print(f"machine: {os.cpu_count()} CPU core(s), {platform.platform()}, "
+          f"Python {platform.python_version()}")  # fmt: skip
+    print(f"versions: {first_line([ORTHANC, '--version'])}; pydicom {pydicom.__version__}; "
+          f"pynetdicom {pynetdicom.__version__}; {first_line([STORESCU, '--version'])}")
+    print()
+    print(fmt(header))
+    print("-+-".join("-" * w for w in widths) + "-+-" + "-" * 5)
+    for row in body:
+        print(fmt(row))
+    print()
+    print("rows 1-3: from the start of storescu until Orthanc has all images (node: workers 2, "
+          "spool fsync);")
+    print("rows 4-5: delivery alone, from the first to the last arrival in Orthanc after it came "
+          "back.")
+    for r in bench.recoveries:
+        print(f"recovery after outage, {r.label}: first instance {r.first:.2f} s after "
+              f"Orthanc was ready, all {bench.count} after {r.last:.2f} s "
+              "(retry initial_delay 1 s, max_delay 4 s, jitter)")
+    print()
+    for check in bench.checks:
+        print(f"check: {check}")
+    if bench.problems:
+        print("NODE PROBLEMS:")
+        for problem in bench.problems:
+            print(f"  {problem}")
+    else:
+        print("node problems: none (no unexpected WARNING/ERROR in its logs, queues empty, "
+              "spools emptied)")
+    print(f"bench took {elapsed:.0f} s (corpus {corpus_seconds:.1f} s); Orthanc polled every "
+          f"{POLL * 1000:.0f} ms")  # fmt: skip
+
+
+# --- main ----------------------------------------------------------------------------------
+
+
+def _terminate(signum, _frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the finally blocks
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=300, help="images per scenario (300)")
+    parser.add_argument("--keep", action="store_true", help="keep the logs (and print where)")
+    args = parser.parse_args(argv)
+    if args.count < 1:
+        parser.error("--count must be at least 1")
+    for path in (NODE, Path(ORTHANC), Path(STORESCU)):
+        if not path.exists():
+            print(f"missing {path}", file=sys.stderr)
+            return 2
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
+
+    started = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="dicom-node-bench-"))
+    logs = work / "logs"
+    logs.mkdir()
+    procs = Processes()
+    ok = False
+    try:
+        print(f"making {args.count} images in {work} ...", file=sys.stderr, flush=True)
+        t = time.monotonic()
+        corpus = make_corpus(work / "corpus", args.count, warmups=5)
+        corpus_seconds = time.monotonic() - t
+        timeout = 60 + args.count * 0.5  # per wait; a healthy run needs a fraction of it
+        bench = Bench(procs, work, logs, corpus, args.count, timeout)
+        bench.direct()
+        bench.through_node(0, verify=True)
+        bench.through_node(1, verify=False)
+        bench.drain(0)
+        bench.drain(1)
+        print_report(bench, time.monotonic() - started, corpus_seconds)
+        ok = True
+        return 0
+    except BenchError as exc:
+        print(f"\nbench failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; stopping what was started", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip cleanup
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        procs.stop_all()
+        keep_logs = args.keep or not ok
+        for child in work.iterdir():
+            if not (keep_logs and child == logs):
+                shutil.rmtree(child, ignore_errors=True)
+        if keep_logs:
+            print(f"logs kept in {logs}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
