@@ -247,3 +247,33 @@ def test_a_full_spool_answers_out_of_resources(node_factory):
     assert status.Status == 0xA700
     assert node.archived() == []
     assert "refused an instance from SCU with 0xA700" in node.log_text()
+
+
+def test_accept_syntaxes_restricts_what_is_proposed(node_factory):
+    """The peer would take JPEG-LS, but the destination allows only Explicit VR Little Endian."""
+    peer = ScriptedPeer()
+    try:
+        node = node_factory(config(
+            dicom_dest("peer", peer.port, "PEER", ", accept_syntaxes: [ExplicitVRLittleEndian]"),
+            "  - {name: all, transcode: {syntax: JPEGLSLossless}, send_to: [peer]}",
+        ))  # fmt: skip
+        storescu(node.port, [data_file("CT_small.dcm")])
+        wait_for(lambda: peer.received, 60, "the instance at the peer")
+        (ds,) = peer.received
+        assert ds.file_meta.TransferSyntaxUID == uid.ExplicitVRLittleEndian
+        np.testing.assert_array_equal(raw(ds), raw(dcmread(data_file("CT_small.dcm"))))
+    finally:
+        peer.close()
+
+
+def test_a_warning_status_counts_as_delivered(node_factory):
+    peer = ScriptedPeer(statuses=[0xB000])  # Coercion of data elements: stored
+    try:
+        node = node_factory(config(dicom_dest("peer", peer.port, "PEER"),
+                                   "  - {name: all, send_to: [peer]}"))  # fmt: skip
+        storescu(node.port, [data_file("CT_small.dcm")])
+        node.wait_spool_empty()
+        assert queue_table(node)["peer"][1:5] == ["0", "-", "0", "0"]
+        assert not (node.spool / "dead-letter").exists()
+    finally:
+        peer.close()
