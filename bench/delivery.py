@@ -722,6 +722,7 @@ def print_report(bench: Bench, elapsed: float, corpus_seconds: float) -> None:
 
 
 def _terminate(signum, _frame) -> None:
+    print(f"\n{signal.Signals(signum).name}; stopping what was started", file=sys.stderr)
     raise SystemExit(128 + signum)  # unwinds through the finally blocks
 
 
@@ -736,8 +737,10 @@ def main(argv: list[str] | None = None) -> int:
         if not path.exists():
             print(f"missing {path}", file=sys.stderr)
             return 2
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
     signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGHUP, _terminate)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # respect nohup
+        signal.signal(signal.SIGHUP, _terminate)
 
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="dicom-node-bench-"))
@@ -758,6 +761,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.drain(0)
         bench.drain(1)
         print_report(bench, time.monotonic() - started, corpus_seconds)
+        sys.stdout.flush()
         ok = True
         return 0
     except BenchError as exc:

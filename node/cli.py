@@ -160,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    # The node logs each failure once, in its own words (with the retry delay); pynetdicom's
+    # own ERROR lines and tracebacks for every refused retry would bury them. -v shows them.
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if args.verbose else logging.CRITICAL)
     return args.func(args)
 
 

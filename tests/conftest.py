@@ -189,7 +189,13 @@ def start_node(root: Path, config_text: str, port: int | None = None) -> Running
             return False
         return True
 
-    wait_for(ready, 60, "the node to listen", interval=0.1)
+    try:
+        wait_for(ready, 60, "the node to listen", interval=0.1)
+    except BaseException:
+        if process.poll() is None:  # never leave a node behind
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        raise
     return node
 
 
