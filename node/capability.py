@@ -19,7 +19,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
 )
 
-from node.syntaxes import Target, receivable_syntaxes, syntax_name
+from node.syntaxes import ALWAYS_LOSSY, Target, receivable_syntaxes, syntax_name
 
 # Encoder limits below what the standard allows (FIELD-NOTES 6).
 _MAX_BITS_STORED = {JPEG2000Lossless: 24, JPEG2000: 24}
@@ -91,6 +91,20 @@ def pixel_facts(ds: Dataset) -> PixelFacts:
         columns=number("Columns"),
         frames=number("NumberOfFrames", 1) or 1,
     )
+
+
+def guarded_kinds(ds: Dataset, facts: PixelFacts) -> list[str]:
+    """Why this image must not be lossy-compressed unless a rule allows it (LOSSY_GUARDED)."""
+    kinds = []
+    if str(ds.get("LossyImageCompression", "")).strip() == "01" or facts.syntax in ALWAYS_LOSSY:
+        kinds.append("already-lossy")
+    if str(ds.get("Modality", "")).strip() == "MG":
+        kinds.append("mammography")
+    sop_class = str(getattr(ds.get("SOPClassUID"), "name", ""))
+    intent = str(ds.get("PresentationIntentType", "")).strip().upper()
+    if intent == "FOR PROCESSING" or "For Processing" in sop_class:
+        kinds.append("for-processing")
+    return kinds
 
 
 def output_photometric(facts: PixelFacts, target: Target) -> str:

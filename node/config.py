@@ -15,7 +15,14 @@ from typing import Any
 
 import yaml
 
-from node.syntaxes import SyntaxError_, Target, TranscodeSpec, lookup_syntax, parse_target
+from node.syntaxes import (
+    LOSSY_GUARDED,
+    SyntaxError_,
+    Target,
+    TranscodeSpec,
+    lookup_syntax,
+    parse_target,
+)
 
 DEFAULT_CONFIG_PATH = Path("config/node.yaml")
 
@@ -414,6 +421,15 @@ def _parse_transcode(c: _Checker, raw: Any, line: int, where: str) -> TranscodeS
         return None
     fallback_raw = m.pop("fallback", None)
     fallback_line = m.key_lines.pop("fallback", m.line)
+    allow_raw = m.pop("allow_lossy", None)
+    allow_line = m.key_lines.pop("allow_lossy", m.line)
+    allow: set[str] = set()
+    for item in allow_raw if isinstance(allow_raw, list) else [allow_raw] if allow_raw else []:
+        if item in LOSSY_GUARDED:
+            allow.add(item)
+        else:
+            c.error(allow_line, f"{where}.allow_lossy: unknown kind {item!r}; "
+                    f"allowed: {', '.join(LOSSY_GUARDED)}")  # fmt: skip
     target = _parse_target(c, m, m.line, where)
     fallbacks: list[Target] = []
     if fallback_raw is not None:
@@ -425,7 +441,7 @@ def _parse_transcode(c: _Checker, raw: Any, line: int, where: str) -> TranscodeS
                 fallbacks.append(fb)
     if target is None:
         return None
-    return TranscodeSpec(target, tuple(fallbacks))
+    return TranscodeSpec(target, tuple(fallbacks), frozenset(allow))
 
 
 def _parse_match(c: _Checker, raw: Any, line: int, where: str):

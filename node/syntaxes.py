@@ -134,10 +134,16 @@ class TranscodeSpec:
 
     target: Target
     fallback: tuple[Target, ...] = ()
+    # Kinds of image a lossy target may touch only when the rule names them (safety default).
+    allow_lossy: frozenset[str] = frozenset()
 
     @property
     def candidates(self) -> tuple[Target, ...]:
         return (self.target, *self.fallback)
+
+
+# What `allow_lossy` may name: images that must not be lossy-compressed by default.
+LOSSY_GUARDED = ("already-lossy", "mammography", "for-processing")
 
 
 _TARGET_KEYS = {"syntax", "jls_error", "j2k_cr", "j2k_psnr", "mct"}

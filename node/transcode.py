@@ -67,6 +67,14 @@ def transcode(ds: Dataset, spec: TranscodeSpec) -> TranscodeResult:
         if target.syntax == facts.syntax:
             note = f"already {syntax_name(target.syntax)}: forwarded as received, not re-encoded"
             return TranscodeResult(None, "kept", target, (*notes, note))
+        if target.is_lossy:
+            guarded = [k for k in capability.guarded_kinds(ds, facts) if k not in spec.allow_lossy]
+            if guarded:
+                notes.append(
+                    f"{target.describe()}: safety: no lossy compression of {', '.join(guarded)} "
+                    f"images unless the rule says allow_lossy: [{', '.join(guarded)}]"
+                )
+                continue
         try:
             out, ratio, max_error = _encode(ds, facts, target)
         except Refused as exc:

@@ -394,7 +394,7 @@ def test_example_full_yaml_validates_and_summary_names_every_rule_and_destinatio
     assert "  pacs: DICOM PACS@127.0.0.1:4242 (as DICOM-NODE)" in out
 
 
-def test_example_full_yaml_is_the_contract_example_plus_a_fallback():
+def test_example_full_yaml_is_the_contract_example_plus_fallbacks():
     path = REPO / "config" / "example-full.yaml"
     full = load_config(path)
     contract = parse_config(CONTRACT_EXAMPLE, "contract", path.parent)
@@ -405,12 +405,12 @@ def test_example_full_yaml_is_the_contract_example_plus_a_fallback():
     assert full.destinations == contract.destinations
     assert [r.name for r in full.rules] == [r.name for r in contract.rules]
     documented = [r for r in full.rules if r.transcode.fallback]
-    assert len(documented) == 1, "example-full.yaml should show one fallback"
+    assert documented, "example-full.yaml should show fallbacks"
     for mine, theirs in zip(full.rules, contract.rules, strict=True):
         assert mine.match == theirs.match
         assert mine.send_to == theirs.send_to
         assert mine.transcode.target == theirs.transcode.target
-    assert all(not t.is_lossy for t in documented[0].transcode.fallback)
+    assert all(not t.is_lossy for r in documented for t in r.transcode.fallback)
 
 
 # --- YAML-level problems -----------------------------------------------------------------------
@@ -1570,4 +1570,15 @@ def test_bad_delivery_settings_name_their_lines():
         "node.yaml:10: destinations.pacs.retry: initial_delay is longer than max_delay",
         "node.yaml:12: destinations.pacs.retry.give_up_after: expected a duration (seconds, "
         "or e.g. 30s, 5m, 2h, 7d), got 'soon'",
+    ]
+
+
+def test_allow_lossy_is_parsed_and_unknown_kinds_are_reported():
+    config = parse(rule_with_transcode(
+        "{syntax: JPEG2000, j2k_cr: [10], allow_lossy: [mammography, already-lossy]}"
+    ))  # fmt: skip
+    assert config.rules[0].transcode.allow_lossy == {"mammography", "already-lossy"}
+    assert problems(rule_with_transcode("{syntax: JPEG2000, j2k_cr: [10], allow_lossy: [MG]}")) == [
+        "node.yaml:6: rule 'r'.transcode.allow_lossy: unknown kind 'MG'; "
+        "allowed: already-lossy, mammography, for-processing"
     ]

@@ -106,7 +106,10 @@ def test_a_second_lossy_step_appends_ratio_and_method():
     source = dcmread(data_file("CT_small.dcm"))
     first = transcode(source, spec(uid.JPEG2000, j2k_cr=(10.0,))).dataset
     first.file_meta.TransferSyntaxUID = uid.JPEG2000  # as received by the next node
-    second = transcode(first, spec(uid.JPEGLSNearLossless, jls_error=2)).dataset
+    rule = TranscodeSpec(
+        Target(uid.JPEGLSNearLossless, jls_error=2), allow_lossy=frozenset({"already-lossy"})
+    )
+    second = transcode(first, rule).dataset
     assert second.LossyImageCompression == "01"
     assert list(second.LossyImageCompressionMethod) == ["ISO_15444_1", "ISO_14495_1"]
     assert len(second.LossyImageCompressionRatio) == 2
@@ -241,3 +244,23 @@ def test_an_image_the_codecs_fail_on_passes_through_with_the_codec_error():
     assert [n.split(":")[0] for n in result.notes] == ["JPEGLSLossless", "JPEG2000Lossless"]
     assert result.target == Target(uid.RLELossless)
     np.testing.assert_array_equal(raw(result.dataset), raw(source))
+
+
+@pytest.mark.parametrize(
+    ("kind", "prepare"),
+    [
+        ("already-lossy", lambda ds: setattr(ds, "LossyImageCompression", "01")),
+        ("mammography", lambda ds: setattr(ds, "Modality", "MG")),
+        ("for-processing", lambda ds: setattr(ds, "PresentationIntentType", "FOR PROCESSING")),
+    ],
+)
+def test_no_lossy_step_on_guarded_images_unless_the_rule_allows_it(kind, prepare):
+    source = dcmread(data_file("CT_small.dcm"))
+    prepare(source)
+    lossy = Target(uid.JPEG2000, j2k_cr=(10.0,))
+    refused = transcode(source, TranscodeSpec(lossy, (Target(uid.JPEGLSLossless),)))
+    assert refused.target == Target(uid.JPEGLSLossless)
+    assert f"safety: no lossy compression of {kind} images" in refused.notes[0]
+    assert refused.dataset.SOPInstanceUID == source.SOPInstanceUID
+    allowed = transcode(source, TranscodeSpec(lossy, allow_lossy=frozenset({kind})))
+    assert allowed.target == lossy and allowed.dataset.LossyImageCompression == "01"
