@@ -1,0 +1,195 @@
+"""The codec matrix: what the node does with each real image for each target syntax.
+
+    .venv/bin/python tools/codec_matrix.py          # writes docs/codec-matrix.{md,json}
+
+Every cell comes from node.transcode.transcode, the very function the node's workers run.
+tests/test_codec_matrix.py sends the same images to a running node over DICOM and checks that
+what arrives is exactly what this table says (and that it is right: pixels, an independent
+decoder, dciodvfy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from pydicom import dcmread  # noqa: E402
+from pydicom.data import get_testdata_file  # noqa: E402
+
+from node.capability import pixel_facts  # noqa: E402
+from node.syntaxes import TranscodeSpec, parse_target, syntax_name  # noqa: E402
+from node.transcode import transcode  # noqa: E402
+
+# Column label -> the rule's transcode settings (as they would be written in node.yaml).
+TARGETS: dict[str, dict] = {
+    "keep": {"syntax": "keep"},
+    "EVRLE": {"syntax": "ExplicitVRLittleEndian"},
+    "RLE": {"syntax": "RLELossless"},
+    "JLS": {"syntax": "JPEGLSLossless"},
+    "JLS-near2": {"syntax": "JPEGLSNearLossless", "jls_error": 2},
+    "J2K": {"syntax": "JPEG2000Lossless"},
+    "J2K-MCT": {"syntax": "JPEG2000Lossless", "mct": True},
+    "J2K-cr": {"syntax": "JPEG2000", "j2k_cr": [20, 10, 5]},
+    "J2K-psnr": {"syntax": "JPEG2000", "j2k_psnr": [60, 80]},
+}
+
+# pydicom's own test files added to every file of pydicom-data: inputs pydicom-data lacks
+# (deflated, native YBR_FULL_422, JPEG baseline/extended 12-bit, JPEG-LS near-lossless input,
+# odd sizes, padding).
+PYDICOM_FILES = [
+    "CT_small.dcm", "MR_small.dcm", "MR_small_padded.dcm", "image_dfl.dcm",
+    "SC_ybr_full_422_uncompressed.dcm", "SC_rgb_jpeg_dcmtk.dcm", "SC_jpeg_no_color_transform.dcm",
+    "JPEG-lossy.dcm", "JPEGLSNearLossless_16.dcm", "SC_rgb_small_odd.dcm",
+    "SC_rgb_small_odd_big_endian.dcm", "examples_ybr_color.dcm", "MR_small_RLE.dcm",
+]  # fmt: skip
+
+# Files that are not usable DICOM instances at all: hostile-input material, not codec cases.
+EXCLUDED = {
+    "OT-PAL-8-face.dcm": "no File Meta Information (not a DICOM Part 10 file)",
+    "emri_small_jpeg_2k_lossless_too_short.dcm": "truncated file (Pixel Data cut short)",
+    "bad_sequence.dcm": "malformed sequence",
+}
+
+
+def spec(label: str) -> TranscodeSpec:
+    return TranscodeSpec(parse_target(dict(TARGETS[label])))
+
+
+def corpus() -> list[Path]:
+    import data_store
+
+    files = sorted((Path(data_store.__file__).parent / "data").glob("*.dcm"))
+    files += [Path(get_testdata_file(n, download=False)) for n in PYDICOM_FILES]
+    return [f for f in files if f.name not in EXCLUDED]
+
+
+@dataclass(frozen=True)
+class Cell:
+    file: str
+    target: str
+    outcome: str  # recompressed | kept | passed-through
+    syntax_in: str
+    syntax_out: str
+    sop_instance_out: str
+    ratio: float | None
+    max_error: int | None
+    notes: list[str]
+
+
+def compute(path: Path, label: str) -> Cell:
+    warnings.filterwarnings("ignore")
+    ds = dcmread(path)
+    result = transcode(ds, spec(label))
+    out = result.dataset if result.dataset is not None else ds
+    return Cell(
+        file=path.name,
+        target=label,
+        outcome=result.outcome,
+        syntax_in=str(ds.file_meta.TransferSyntaxUID),
+        syntax_out=str(out.file_meta.TransferSyntaxUID),
+        sop_instance_out=str(out.SOPInstanceUID),
+        ratio=round(result.ratio, 2) if result.ratio else None,
+        max_error=result.max_error,
+        notes=list(result.notes),
+    )
+
+
+def describe(path: Path) -> str:
+    warnings.filterwarnings("ignore")
+    ds = dcmread(path)
+    try:
+        f = pixel_facts(ds)
+    except ValueError as exc:
+        return f"unusable pixel module: {exc}"
+    if f.pixel_keyword is None:
+        return f"{ds.get('Modality', '?')}, no pixel data"
+    sign = "signed" if f.pixel_representation else "unsigned"
+    return (
+        f"{ds.get('Modality', '?')} {syntax_name(f.syntax)}, {f.photometric} "
+        f"{f.samples}x{f.bits_allocated}/{f.bits_stored} {sign}, {f.rows}x{f.columns}"
+        + (f", {f.frames} frames" if f.frames > 1 else "")
+    )
+
+
+def _short(cell: Cell, footnotes: dict[str, int]) -> str:
+    if cell.outcome == "recompressed":
+        if cell.max_error is None:
+            return f"lossy {cell.ratio}:1"
+        exact = "exact" if cell.max_error == 0 else f"err≤{cell.max_error}"
+        return f"{exact} {cell.ratio}:1"
+    reason = cell.notes[-1] if cell.notes else ""
+    if cell.outcome == "kept" and len(cell.notes) <= 1:
+        return "as sent" if "keep" in reason else "already"
+    reasons = "; ".join(n.split(": ", 1)[-1] for n in cell.notes if "rule says keep" not in n)
+    number = footnotes.setdefault(reasons, len(footnotes) + 1)
+    return f"as received [{number}]"
+
+
+def render(cells: list[Cell], descriptions: dict[str, str]) -> str:
+    files = list(dict.fromkeys(c.file for c in cells))
+    by = {(c.file, c.target): c for c in cells}
+    footnotes: dict[str, int] = {}
+    lines = [
+        "# Codec matrix",
+        "",
+        "What the node does with each real image (all of `pydicom-data`, plus some of pydicom's",
+        "own test files) for each target syntax. Generated by `tools/codec_matrix.py` from the",
+        "node's own transcoder; `tests/test_codec_matrix.py` checks over DICOM that the node",
+        "produces exactly these results, compares the pixels with the originals, decodes each",
+        "output again with DCMTK or GDCM and runs `dciodvfy` on it.",
+        "",
+        "- `exact 2.31:1`: recompressed, verified bit-exact, compression ratio of the pixel data.",
+        "- `err≤2`: JPEG-LS near-lossless, verified within the allowed error.",
+        "- `lossy`: JPEG 2000 irreversible; new SOP Instance UID, Lossy Image Compression 01.",
+        "- `already`: the image is already in the target syntax and is forwarded untouched.",
+        "- `as sent`: the rule says keep.",
+        "- `as received [n]`: the target cannot take this image; it is forwarded exactly as",
+        "  received, for the reason in note n (each refused target is listed in order).",
+        "",
+        "Targets: " + "; ".join(f"`{k}` = `{json.dumps(v)}`" for k, v in TARGETS.items()),
+        "",
+        "| image | " + " | ".join(TARGETS) + " |",
+        "|---|" + "---|" * len(TARGETS),
+    ]
+    for f in files:
+        row = [_short(by[(f, t)], footnotes) for t in TARGETS]
+        lines.append(f"| `{f}` {descriptions[f]} | " + " | ".join(row) + " |")
+    lines += ["", "## Notes", ""]
+    lines += [f"{n}. {text}" for text, n in footnotes.items()]
+    lines += ["", "## Not in the matrix", ""]
+    lines += [f"- `{name}`: {why}" for name, why in EXCLUDED.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(REPO / "docs" / "codec-matrix"),
+                        help="path without extension for the .md and .json")  # fmt: skip
+    args = parser.parse_args()
+    started = time.monotonic()
+    files = corpus()
+    jobs = [(f, t) for f in files for t in TARGETS]
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        cells = list(pool.map(compute, *zip(*jobs, strict=True), chunksize=4))
+    descriptions = {f.name: describe(f) for f in files}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps([asdict(c) for c in cells], indent=1) + "\n")
+    out.with_suffix(".md").write_text(render(cells, descriptions))
+    print(f"{len(files)} images x {len(TARGETS)} targets in {time.monotonic() - started:.0f} s "
+          f"-> {out}.md, {out}.json")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
