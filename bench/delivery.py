@@ -296,8 +296,11 @@ class Node:
         self.config = folder / "node.yaml"
         self.config.write_text(
             NODE_CONFIG.format(
-                aet=NODE_AET, port=self.port, orthanc_port=orthanc_port,
-                orthanc_aet=ORTHANC_AET, per_association=per_association,
+                aet=NODE_AET,
+                port=self.port,
+                orthanc_port=orthanc_port,
+                orthanc_aet=ORTHANC_AET,
+                per_association=per_association,
             )  # fmt: skip
         )
 
@@ -506,11 +509,7 @@ class Bench:
         tag = f"live-{per_association}"
         label = _label(per_association)
         self.log(f"through the node, {label}")
-        orthanc = self._orthanc(tag)
-        node = self._node(tag, orthanc, per_association)
-        try:
-            orthanc.start()
-            node.start()
+        with self._orthanc_and_node(tag, per_association, outage=False) as (orthanc, node):
             base = self.warm_up(orthanc, node.port, NODE_AET, tag)
             sender = Sender(self.procs, node.port, NODE_AET, self.corpus.files,
                             self.logs / f"{tag}-storescu.log")  # fmt: skip
@@ -526,22 +525,12 @@ class Bench:
             if verify:
                 self.checks.append(self._verify(orthanc))
             self._after(node, tag, outage=False)
-        finally:
-            node.stop()
-            orthanc.stop()
-            self._node_log(node, tag, outage=False)
-            shutil.rmtree(orthanc.folder, ignore_errors=True)
-            shutil.rmtree(node.folder, ignore_errors=True)
 
     def drain(self, per_association: int) -> None:
         tag = f"drain-{per_association}"
         label = _label(per_association)
         self.log(f"drain after an outage, {label}")
-        orthanc = self._orthanc(tag)
-        node = self._node(tag, orthanc, per_association)
-        try:
-            orthanc.start()
-            node.start()
+        with self._orthanc_and_node(tag, per_association, outage=True) as (orthanc, node):
             base = self.warm_up(orthanc, node.port, NODE_AET, tag)
             orthanc.stop()  # the outage begins
             outage = time.monotonic()
@@ -568,10 +557,20 @@ class Bench:
                                      "when its REST API first answered")  # fmt: skip
             self._extra(got, tag)
             self._after(node, tag, outage=True)
+
+    @contextlib.contextmanager
+    def _orthanc_and_node(self, tag: str, per_association: int, outage: bool):
+        """A fresh Orthanc and a node forwarding to it, both running; stopped and removed after."""
+        orthanc = self._orthanc(tag)
+        node = self._node(tag, orthanc, per_association)
+        try:
+            orthanc.start()
+            node.start()
+            yield orthanc, node
         finally:
             node.stop()
             orthanc.stop()
-            self._node_log(node, tag, outage=True)
+            self._node_log(node, tag, outage=outage)
             shutil.rmtree(orthanc.folder, ignore_errors=True)
             shutil.rmtree(node.folder, ignore_errors=True)
 
@@ -587,15 +586,19 @@ class Bench:
             if state.pending >= self.count and state.retries >= OUTAGE_MIN_RETRIES:
                 return
             if time.monotonic() > deadline:
-                raise BenchError(f"{state.pending} of {self.count} queued for delivery and "
-                                 f"{state.retries} failed tries after {self.timeout:.0f} s")
+                raise BenchError(
+                    f"{state.pending} of {self.count} queued for delivery and "
+                    f"{state.retries} failed tries after {self.timeout:.0f} s"
+                )
             time.sleep(0.2)
 
     def _after(self, node: Node, tag: str, outage: bool) -> None:
         state = node.queue()
         if state.pending or state.dead:
-            self.problems.append(f"{tag}: after delivery `dicom-node queue` shows "
-                                 f"pending={state.pending} dead={state.dead} {state.last_error}")
+            self.problems.append(
+                f"{tag}: after delivery `dicom-node queue` shows "
+                f"pending={state.pending} dead={state.dead} {state.last_error}"
+            )
         incoming = node.folder / "spool" / "incoming"
         left = list(incoming.glob("*.dcm")) if incoming.exists() else []
         if left:  # deletion happens right after delivery; give it a moment with a deadline
@@ -648,8 +651,10 @@ class Bench:
             original = pydicom.dcmread(sent)
             if ds.PixelData != original.PixelData:
                 raise BenchError(f"pixel data of {ds.SOPInstanceUID} differs from {sent.name}")
-            return (f"live-0: Orthanc instance {orthanc_id} is {sent.name} "
-                    f"(SOPInstanceUID {ds.SOPInstanceUID}), pixel data byte-identical")
+            return (
+                f"live-0: Orthanc instance {orthanc_id} is {sent.name} "
+                f"(SOPInstanceUID {ds.SOPInstanceUID}), pixel data byte-identical"
+            )
         raise BenchError("could not find a measured instance in Orthanc to verify")
 
 
@@ -688,22 +693,30 @@ def print_report(bench: Bench, elapsed: float, corpus_seconds: float) -> None:
           f"{size:.0f} KiB each, Explicit VR LE, forwarded as received")  # fmt: skip
     print(f"machine: {os.cpu_count()} CPU core(s), {platform.platform()}, "
           f"Python {platform.python_version()}")  # fmt: skip
-    print(f"versions: {first_line([ORTHANC, '--version'])}; pydicom {pydicom.__version__}; "
-          f"pynetdicom {pynetdicom.__version__}; {first_line([STORESCU, '--version'])}")
+    print(
+        f"versions: {first_line([ORTHANC, '--version'])}; pydicom {pydicom.__version__}; "
+        f"pynetdicom {pynetdicom.__version__}; {first_line([STORESCU, '--version'])}"
+    )
     print()
     print(fmt(header))
     print("-+-".join("-" * w for w in widths) + "-+-" + "-" * 5)
     for row in body:
         print(fmt(row))
     print()
-    print("rows 1-3: from the start of storescu until Orthanc has all images (node: workers 2, "
-          "spool fsync);")
-    print("rows 4-5: delivery alone, from the first to the last arrival in Orthanc after it came "
-          "back.")
+    print(
+        "rows 1-3: from the start of storescu until Orthanc has all images (node: workers 2, "
+        "spool fsync);"
+    )
+    print(
+        "rows 4-5: delivery alone, from the first to the last arrival in Orthanc after it came "
+        "back."
+    )
     for r in bench.recoveries:
-        print(f"recovery after outage, {r.label}: first instance {r.first:.2f} s after "
-              f"Orthanc was ready, all {bench.count} after {r.last:.2f} s "
-              "(retry initial_delay 1 s, max_delay 4 s, jitter)")
+        print(
+            f"recovery after outage, {r.label}: first instance {r.first:.2f} s after "
+            f"Orthanc was ready, all {bench.count} after {r.last:.2f} s "
+            "(retry initial_delay 1 s, max_delay 4 s, jitter)"
+        )
     print()
     for check in bench.checks:
         print(f"check: {check}")
@@ -712,8 +725,10 @@ def print_report(bench: Bench, elapsed: float, corpus_seconds: float) -> None:
         for problem in bench.problems:
             print(f"  {problem}")
     else:
-        print("node problems: none (no unexpected WARNING/ERROR in its logs, queues empty, "
-              "spools emptied)")
+        print(
+            "node problems: none (no unexpected WARNING/ERROR in its logs, queues empty, "
+            "spools emptied)"
+        )
     print(f"bench took {elapsed:.0f} s (corpus {corpus_seconds:.1f} s); Orthanc polled every "
           f"{POLL * 1000:.0f} ms")  # fmt: skip
 

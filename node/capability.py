@@ -21,6 +21,11 @@ from pydicom.uid import (
 
 from node.syntaxes import ALWAYS_LOSSY, Target, receivable_syntaxes, syntax_name
 
+ULTRASOUND_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.5.1.4.1.1.3.1",  # US, US multi-frame
+    "1.2.840.10008.5.1.4.1.1.6", "1.2.840.10008.5.1.4.1.1.3",  # their retired forms
+}  # fmt: skip
+
 # Encoder limits below what the standard allows (FIELD-NOTES 6).
 _MAX_BITS_STORED = {JPEG2000Lossless: 24, JPEG2000: 24}
 _DECODABLE_PHOTOMETRIC = {
@@ -43,18 +48,27 @@ class PixelFacts:
     rows: int
     columns: int
     frames: int
+    sop_class: str = ""
 
     @property
     def frame_bytes(self) -> int:
         return self.rows * self.columns * self.samples * max(self.bits_allocated, 8) // 8
 
     @property
+    def converts_to_rgb(self) -> bool:
+        return self.syntax in ALWAYS_LOSSY and self.photometric in ("YBR_FULL", "YBR_FULL_422")
+
+    @property
     def decoded_photometric(self) -> str:
         """The photometric interpretation of the raw decoded frames.
 
-        pydicom upsamples YBR_FULL_422 (native or JPEG) to full resolution without colour
-        conversion, which is YBR_FULL; J2K MCT is undone by the codec, giving RGB.
+        pydicom upsamples YBR_FULL_422 to full resolution without colour conversion, which is
+        YBR_FULL; J2K MCT is undone by the codec, giving RGB. YBR from a lossy JPEG is
+        converted to RGB (as every viewer shows it): most IODs, ultrasound among them, do
+        not allow YBR_FULL, and the image is lossy already.
         """
+        if self.converts_to_rgb:
+            return "RGB"
         if self.photometric == "YBR_FULL_422":
             return "YBR_FULL"
         if self.photometric in ("YBR_RCT", "YBR_ICT"):
@@ -90,6 +104,7 @@ def pixel_facts(ds: Dataset) -> PixelFacts:
         rows=number("Rows"),
         columns=number("Columns"),
         frames=number("NumberOfFrames", 1) or 1,
+        sop_class=str(ds.get("SOPClassUID", "")),
     )
 
 
@@ -107,12 +122,24 @@ def guarded_kinds(ds: Dataset, facts: PixelFacts) -> list[str]:
     return kinds
 
 
+def needs_mct(facts: PixelFacts, target: Target) -> bool:
+    """RGB into JPEG 2000 with the colour transform: `mct: true` always, `mct: false` never,
+    unset where the IOD requires it: ultrasound allows only YBR_RCT / YBR_ICT with JPEG 2000
+    (PS3.3 C.8.5.6.1.2)."""
+    wanted = target.mct if target.mct is not None else facts.sop_class in ULTRASOUND_SOP_CLASSES
+    return (
+        wanted
+        and target.syntax in (JPEG2000Lossless, JPEG2000)
+        and facts.decoded_photometric == "RGB"
+        and facts.samples == 3
+    )
+
+
 def output_photometric(facts: PixelFacts, target: Target) -> str:
     """The Photometric Interpretation the output will carry."""
-    pi = facts.decoded_photometric
-    if target.mct and pi == "RGB" and facts.samples == 3:
+    if needs_mct(facts, target):
         return "YBR_ICT" if target.syntax == JPEG2000 else "YBR_RCT"
-    return pi
+    return facts.decoded_photometric
 
 
 def refusal(facts: PixelFacts, target: Target) -> str | None:

@@ -105,7 +105,7 @@ class Target:
     jls_error: int | None = None
     j2k_cr: tuple[float, ...] | None = None
     j2k_psnr: tuple[float, ...] | None = None
-    mct: bool = False
+    mct: bool | None = None  # None: only where the IOD requires it (ultrasound)
 
     @property
     def is_lossy(self) -> bool:
@@ -123,8 +123,8 @@ class Target:
             parts.append(f"j2k_cr={list(self.j2k_cr)}")
         if self.j2k_psnr is not None:
             parts.append(f"j2k_psnr={list(self.j2k_psnr)}")
-        if self.mct:
-            parts.append("mct")
+        if self.mct is not None:
+            parts.append("mct" if self.mct else "no-mct")
         return " ".join(parts)
 
 
@@ -263,9 +263,11 @@ def parse_target(raw: Any) -> Target:
                     "j2k_psnr: quality layers must be in increasing order", "j2k_psnr"
                 )
 
-    mct = raw.get("mct", False)
-    if not isinstance(mct, bool):
+    mct = raw.get("mct")
+    if mct is not None and not isinstance(mct, bool):
         raise SyntaxError_(f"mct: expected true or false, got {mct!r}", "mct")
-    if mct and syntax not in (_uid.JPEG2000Lossless, _uid.JPEG2000):
-        raise SyntaxError_(f"mct applies to JPEG 2000 syntaxes only, not {name}", "mct")
+    if syntax not in (_uid.JPEG2000Lossless, _uid.JPEG2000):
+        if mct:
+            raise SyntaxError_(f"mct applies to JPEG 2000 syntaxes only, not {name}", "mct")
+        mct = None  # `mct: false` elsewhere says nothing
     return Target(syntax, jls_error, j2k_cr, j2k_psnr, mct)

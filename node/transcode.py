@@ -9,13 +9,20 @@ instance goes on exactly as received.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.multival import MultiValue
-from pydicom.pixels import as_pixel_options, get_decoder, get_encoder, iter_pixels
+from pydicom.pixels import (
+    as_pixel_options,
+    convert_color_space,
+    get_decoder,
+    get_encoder,
+    iter_pixels,
+)
 from pydicom.uid import (
     JPEG2000,
     PYDICOM_IMPLEMENTATION_UID,
@@ -83,6 +90,9 @@ def transcode(ds: Dataset, spec: TranscodeSpec) -> TranscodeResult:
         except Exception as exc:  # a codec failing on hostile or damaged data is a refusal too
             notes.append(f"{target.describe()}: {type(exc).__name__}: {exc}")
             continue
+        if capability.needs_mct(facts, target) and target.mct is None:
+            notes.append("ultrasound: JPEG 2000 colour transform applied, the US IOD allows "
+                         "only YBR_RCT/YBR_ICT with JPEG 2000 (PS3.3 C.8.5.6.1.2)")  # fmt: skip
         return TranscodeResult(out, "recompressed", target, tuple(notes), ratio, max_error)
     return TranscodeResult(None, "passed-through", None, tuple(notes))
 
@@ -107,7 +117,7 @@ def _encode(ds: Dataset, facts: capability.PixelFacts, target: Target):
     if target.syntax == ExplicitVRLittleEndian:
         encoded_bytes, max_error = _native_pixels(ds, out, facts)
     else:
-        encoded_bytes, max_error = _encapsulated_pixels(ds, out, target, params)
+        encoded_bytes, max_error = _encapsulated_pixels(ds, out, facts, target, params)
 
     uncompressed = facts.frame_bytes * facts.frames
     ratio = uncompressed / encoded_bytes if encoded_bytes else None
@@ -122,7 +132,9 @@ def _encode(ds: Dataset, facts: capability.PixelFacts, target: Target):
     return out, ratio, max_error
 
 
-def _encapsulated_pixels(ds: Dataset, out: Dataset, target: Target, params: dict):
+def _encapsulated_pixels(
+    ds: Dataset, out: Dataset, facts: capability.PixelFacts, target: Target, params: dict
+):
     uid = UID(target.syntax)
     encoder, decoder = get_encoder(uid), get_decoder(uid)
     opts = as_pixel_options(out, **params)
@@ -131,7 +143,7 @@ def _encapsulated_pixels(ds: Dataset, out: Dataset, target: Target, params: dict
     allowed_error = target.jls_error if uid == JPEGLSNearLossless else 0
     frames: list[bytes] = []
     max_error = 0
-    for index, frame in enumerate(iter_pixels(ds, raw=True)):
+    for index, frame in enumerate(decoded_frames(ds, facts)):
         try:
             encoded = encoder.encode(frame, encoding_plugin=_PLUGIN[uid], **opts)
         except ValueError as exc:  # pydicom's validation: pixel range, profile, shape
@@ -157,7 +169,7 @@ def _encapsulated_pixels(ds: Dataset, out: Dataset, target: Target, params: dict
 
 
 def _native_pixels(ds: Dataset, out: Dataset, facts: capability.PixelFacts):
-    frames = [f.astype(f.dtype.newbyteorder("<"), copy=False) for f in iter_pixels(ds, raw=True)]
+    frames = [f.astype(f.dtype.newbyteorder("<"), copy=False) for f in decoded_frames(ds, facts)]
     data = b"".join(f.tobytes() for f in frames)
     if len(data) % 2:
         data += b"\0"
@@ -169,6 +181,12 @@ def _native_pixels(ds: Dataset, out: Dataset, facts: capability.PixelFacts):
         if _max_abs_difference(decoded, frame):
             raise Refused(f"verification failed on frame {index} of the native output")
     return len(data), 0
+
+
+def decoded_frames(ds: Dataset, facts: capability.PixelFacts) -> Iterator[np.ndarray]:
+    """Each frame as the output will hold it: raw, except YBR from lossy JPEG, made RGB."""
+    for frame in iter_pixels(ds, raw=True):
+        yield convert_color_space(frame, "YBR_FULL", "RGB") if facts.converts_to_rgb else frame
 
 
 def _max_abs_difference(a: np.ndarray, b: np.ndarray) -> int:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import data_store
+import numpy as np  # noqa: F401 (annotations)
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
@@ -331,3 +332,14 @@ class ScriptedPeer:
     def close(self) -> None:
         self.server.shutdown()
         self.ae.shutdown()
+
+
+def expected_pixels(original) -> np.ndarray:
+    """The pixels a lossless output of `original` must hold: raw, except YBR from a lossy JPEG,
+    which the node makes RGB with pydicom's own conversion."""
+    from pydicom.pixels import pixel_array
+
+    lossy_jpeg = original.file_meta.TransferSyntaxUID in ("1.2.840.10008.1.2.4.50",
+                                                          "1.2.840.10008.1.2.4.51")  # fmt: skip
+    ybr = str(original.PhotometricInterpretation).startswith("YBR_FULL")
+    return pixel_array(original, raw=not (lossy_jpeg and ybr))

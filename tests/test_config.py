@@ -892,7 +892,7 @@ def test_mct_on_a_non_jpeg2000_syntax_is_reported(syntax):
 
 def test_mct_false_is_accepted_on_any_syntax():
     config = parse(rule_with_transcode("{syntax: JPEGLSLossless, mct: false}"))
-    assert config.rules[0].transcode.target == Target(uid.JPEGLSLossless, mct=False)
+    assert config.rules[0].transcode.target == Target(uid.JPEGLSLossless)
 
 
 def test_bad_fallback_entry_names_the_line_of_that_item():
