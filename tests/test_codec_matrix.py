@@ -6,6 +6,7 @@ attribute beyond what the syntax and the lossy rules require."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from collections import defaultdict
 from pathlib import Path
@@ -93,6 +94,13 @@ def dciodvfy_errors(path: Path) -> set[str]:
     done = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
     return {line.strip() for line in (done.stdout + done.stderr).splitlines()
             if line.startswith("Error")}  # fmt: skip
+
+
+def flagged_values(*errors: str) -> set[str]:
+    """The values dciodvfy quotes in its errors ("..." or <...>). An output error about a value
+    the input's report already flagged is the same defect, e.g. an invalid SOP Instance UID
+    that the node rightly copies into Media Storage SOP Instance UID."""
+    return {v for e in errors for v in re.findall(r'"([^"]{8,})"|<([^>]{8,})>', e) for v in v if v}
 
 
 def readable_by_dciodvfy(path: Path, tmp: Path) -> Path:
@@ -183,7 +191,8 @@ def test_every_cell_of_the_codec_matrix_over_dicom(node_factory, tmp_path):
                     independent(out_path, got, tmp_path), got
                 ):
                     problems[where].append("independent decoder disagrees")
-                new = dciodvfy_errors(out_path) - source_errors
+                new = {e for e in dciodvfy_errors(out_path) - source_errors
+                       if not flagged_values(e) & flagged_values(*source_errors)}  # fmt: skip
                 if out.get("LossyImageCompression") == "01" and source.get("ImageType"):
                     # Image Type DERIVED (PS3.3 C.7.6.1.1.5) makes dciodvfy flag attributes that
                     # are required for ORIGINAL images and "may be present otherwise".
