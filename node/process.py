@@ -34,7 +34,6 @@ class ProcessOutcome:
     folder_paths: dict[str, str] = field(default_factory=dict)  # destination -> relative path
     send_to: tuple[str, ...] = ()
     sop_class: str = ""
-    sop_instance: str = ""
     syntax_in: str = ""
     syntax_out: str = ""
     bytes_in: int = 0
@@ -114,7 +113,6 @@ def process_entry(
         folder_paths=folder_paths,
         send_to=rule.send_to,
         sop_class=str(ds.get("SOPClassUID", "")),
-        sop_instance=str(out_ds.get("SOPInstanceUID", "")),
         syntax_in=syntax_in,
         syntax_out=str(out_ds.file_meta.TransferSyntaxUID),
         bytes_in=entry.path.stat().st_size,
