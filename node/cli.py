@@ -43,6 +43,26 @@ def _serve(args: argparse.Namespace) -> int:
         log.error("cannot listen on %s:%d: %s", config.node.host, config.node.port, exc.strerror)
         return 1
     backlog = pipeline.start()
+    http = None
+    if config.http is not None:
+        from node.observe import REGISTRY, ObservabilityServer, QueueCollector, spool_write_problem
+
+        REGISTRY.register(QueueCollector(lambda: pipeline.queue.stats(list(config.destinations))))
+
+        def health() -> str | None:
+            if not scp.alive():
+                return "the DICOM listener is not running"
+            return pipeline.health_problem() or spool_write_problem(str(spool.tmp))
+
+        try:
+            http = ObservabilityServer(config.http.host, config.http.port, health)
+        except OSError as exc:
+            log.error("cannot serve http on %s:%d: %s", config.http.host, config.http.port,
+                      exc.strerror)  # fmt: skip
+            scp.stop()
+            pipeline.stop(timeout=0)
+            return 1
+        http.start()
     log.info("config %s; %d rule(s); %d instance(s) resumed from the spool %s; %d worker(s)",
              config.source, len(config.rules), backlog, spool.root, pipeline.workers)  # fmt: skip
 
@@ -53,6 +73,8 @@ def _serve(args: argparse.Namespace) -> int:
     log.info("stopping: no new associations; finishing work in flight")
     scp.stop()
     pipeline.stop()
+    if http is not None:
+        http.stop()
     log.info("stopped; %d instance(s) left in the spool for the next start", len(spool.pending()))
     return 0
 

@@ -89,6 +89,14 @@ class RoutingRule:
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    """Where /metrics and /healthz are served."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeSettings
     accept: AcceptPolicy
@@ -96,6 +104,7 @@ class Config:
     rules: tuple[RoutingRule, ...]
     source: str = "<embedded default>"
     warnings: tuple[str, ...] = field(default=())
+    http: HttpSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -526,7 +535,16 @@ def parse_config(text: str, source: str, base: Path) -> Config:
         c.error(line, f"duplicate key '{key}' (the later one would silently win)")
     if not isinstance(raw, _LineDict):
         raise ConfigError([Problem(source, 1, "the file must be a mapping with node:, rules: ...")])
-    c.keys(raw, "top level", {"node", "accept", "destinations", "rules"}, {"rules"})
+    c.keys(raw, "top level", {"node", "accept", "destinations", "rules", "http"}, {"rules"})
+    http = None
+    if "http" in raw:
+        http_raw = c.mapping(raw["http"], raw.key_lines["http"], "http")
+        if http_raw is not None:
+            c.keys(http_raw, "http", {"host", "port"}, set())
+            http = HttpSettings(
+                host=c.string(http_raw, "host", "http", "127.0.0.1"),
+                port=c.integer(http_raw, "port", "http", 8080, 0, 65535),
+            )
 
     node_raw = c.mapping(raw.get("node", _LineDict()), raw.key_lines.get("node", 1), "node")
     node = _parse_node(c, node_raw if node_raw is not None else _empty(), base)
@@ -572,7 +590,7 @@ def parse_config(text: str, source: str, base: Path) -> Config:
             )
     if c.problems:
         raise ConfigError(sorted(c.problems, key=lambda p: p.line))
-    return Config(node, accept, destinations, tuple(rules), source, tuple(warnings))
+    return Config(node, accept, destinations, tuple(rules), source, tuple(warnings), http)
 
 
 def _empty() -> _LineDict:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
+from node import observe as metrics
 from node.config import Destination, DicomDestination, RetryPolicy
 from node.deliver import DeliveryError, PeerSession, deliver_to_folder
 from node.queue import Delivery, DeliveryQueue, FinishedEntry
@@ -50,6 +51,9 @@ class DestinationWorker:
 
     def start(self) -> None:
         self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def wake(self) -> None:
         self._wake.set()
@@ -101,6 +105,7 @@ class DestinationWorker:
                 self.failures_in_row += 1
                 delay = backoff(policy, self.failures_in_row)
                 self.queue.failed(d, str(exc), time.time() + delay, failure=False)
+                metrics.DELIVERY_FAILURES.labels(self.dest.name, "transient").inc()
                 log.warning("%s: %s; next try in %.1f s", self.dest.name, exc, delay)
                 if self.session is not None:
                     self.session.close()
@@ -113,6 +118,7 @@ class DestinationWorker:
             return True
         self.failures_in_row = 0
         finished = self.queue.delivered(d)
+        metrics.DELIVERED.labels(self.dest.name).inc()
         if self.spool.is_dead_letter(Path(d.path)):  # a re-queued dead letter made it
             Path(d.path).unlink(missing_ok=True)
             Path(d.path).with_suffix(".reason.txt").unlink(missing_ok=True)
@@ -122,6 +128,7 @@ class DestinationWorker:
         return True
 
     def _refused(self, d: Delivery, error: str) -> None:
+        metrics.DELIVERY_FAILURES.labels(self.dest.name, "refused").inc()
         failures = d.failures + 1
         if failures >= self.dest.retry.max_failures:
             self._dead_letter(d, f"refused {failures} times; last: {error}")
@@ -132,6 +139,7 @@ class DestinationWorker:
                         delay)  # fmt: skip
 
     def _dead_letter(self, d: Delivery, reason: str) -> None:
+        metrics.DELIVERY_FAILURES.labels(self.dest.name, "dead-lettered").inc()
         path = self.spool.dead_letter(self.dest.name, d.entry, Path(d.path), reason)
         finished = self.queue.dead(d, str(path), reason)
         log.error("dead-lettered %s for %s: %s (kept in %s)", d.entry, self.dest.name, reason, path)

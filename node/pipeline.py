@@ -18,6 +18,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
+from node import observe as metrics
 from node.config import Config
 from node.destination_worker import DestinationWorker
 from node.process import ProcessOutcome, process_entry
@@ -85,6 +86,15 @@ class Pipeline:
                 return
             self._in_flight.add(entry.id)
         self._queue.put(entry)
+
+    def health_problem(self) -> str | None:
+        """Why processing or delivery cannot go on, or None."""
+        if not self._thread.is_alive():
+            return "the dispatcher thread is not running"
+        dead = [name for name, w in self.destinations.items() if not w.alive()]
+        if dead:
+            return f"delivery stopped for {', '.join(dead)}"
+        return None
 
     def idle(self) -> bool:
         with self._lock:
@@ -157,6 +167,7 @@ class Pipeline:
         try:
             if outcome.quarantine_reason is not None:
                 path = self.spool.quarantine(entry, outcome.quarantine_reason)
+                metrics.QUARANTINED.inc()
                 log.warning("quarantined %s: %s", path, outcome.quarantine_reason)
                 return
             assert outcome.output is not None
@@ -176,6 +187,11 @@ class Pipeline:
             adopted = str(output) if output != entry.path else None
             self.queue.add(entry.id, str(entry.path), adopted, deliveries)
             log.info("%s", outcome.summary())
+            rule = outcome.rule or ""
+            metrics.PROCESSED.labels(rule, outcome.outcome).inc()
+            metrics.RULE_BYTES_IN.labels(rule).inc(outcome.bytes_in)
+            metrics.BYTES_OUT.labels(rule).inc(outcome.bytes_out)
+            metrics.CODEC_SECONDS.labels(rule).observe(outcome.milliseconds / 1000)
             for name in outcome.send_to:
                 self.destinations[name].wake()
         except Exception:

@@ -13,6 +13,7 @@ from pynetdicom import AE, evt
 from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import Verification, register_uid, uid_to_service_class
 
+from node import observe as metrics
 from node.config import Config
 from node.deliver import set_nodelay
 from node.spool import Spool, SpoolEntry
@@ -72,6 +73,9 @@ class StorageSCP:
         )
         log.info("listening as %s on %s:%d", node.ae_title, node.host, self.port)
 
+    def alive(self) -> bool:
+        return self._server is not None
+
     @property
     def port(self) -> int:
         return self._server.server_address[1] if self._server else self.config.node.port
@@ -97,12 +101,14 @@ class StorageSCP:
                         calling, address)  # fmt: skip
             # A-ASSOCIATE-RJ: rejected-permanent, service-user, calling-AE-title-not-recognized
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+            metrics.REJECTED_ASSOCIATIONS.labels("calling-aet").inc()
 
     def _on_store(self, event) -> int:
         requestor = event.assoc.requestor
         problem = self.spool.room_problem()
         if problem:  # the sender may retry later; never Success without storage
             log.error("refused an instance from %s with 0xA700: %s", requestor.ae_title, problem)
+            metrics.REFUSED.labels("0xA700").inc()
             return STATUS_OUT_OF_RESOURCES
         try:
             meta = event.file_meta
@@ -110,14 +116,19 @@ class StorageSCP:
             meta.SendingApplicationEntityTitle = requestor.ae_title.strip()
             # The title the sender called (rules may route on it), not necessarily ours.
             meta.ReceivingApplicationEntityTitle = requestor.primitive.called_ae_title.strip()
-            entry = self.spool.store(meta, event.encoded_dataset(include_meta=False))
+            data = event.encoded_dataset(include_meta=False)
+            entry = self.spool.store(meta, data)
         except OSError as exc:
             log.error(
                 "cannot spool an instance from %s: %s; answered 0xA700", requestor.ae_title, exc
             )
+            metrics.REFUSED.labels("0xA700").inc()
             return STATUS_OUT_OF_RESOURCES
         except Exception as exc:  # a request so malformed it cannot even be framed
             log.error("cannot understand a C-STORE from %s: %s", requestor.ae_title, exc)
+            metrics.REFUSED.labels("0xC000").inc()
             return STATUS_CANNOT_UNDERSTAND
+        metrics.RECEIVED.labels(meta.SendingApplicationEntityTitle).inc()
+        metrics.BYTES_IN.inc(len(data))
         self.on_stored(entry)
         return STATUS_SUCCESS

@@ -469,7 +469,7 @@ def test_unknown_top_level_key_suggests_the_close_one():
     ) == [
         "node.yaml:1: top level: missing required key 'rules'",
         "node.yaml:3: top level: unknown key 'rule' (did you mean 'rules'?); "
-        "allowed: accept, destinations, node, rules",
+        "allowed: accept, destinations, http, node, rules",
     ]
 
 
@@ -484,7 +484,8 @@ def test_unknown_key_without_a_close_match_gives_no_hint():
             send_to: [archive]
         """
     ) == [
-        "node.yaml:1: top level: unknown key 'logging'; allowed: accept, destinations, node, rules"
+        "node.yaml:1: top level: unknown key 'logging'; "
+        "allowed: accept, destinations, http, node, rules"
     ]
 
 

@@ -1,0 +1,122 @@
+"""What the person on call looks at: Prometheus metrics on /metrics and a health verdict on
+/healthz (200, or 503 with the reason), served from the `http:` section of the config."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+log = logging.getLogger("dicom_node.observe")
+
+# One registry per process: the node runs one configuration at a time.
+REGISTRY = CollectorRegistry()
+RECEIVED = Counter("dicom_node_instances_received", "Instances stored in the spool and acked",
+                   ["calling_aet"], registry=REGISTRY)  # fmt: skip
+REFUSED = Counter("dicom_node_instances_refused", "C-STOREs answered with a failure status",
+                  ["status"], registry=REGISTRY)  # fmt: skip
+REJECTED_ASSOCIATIONS = Counter("dicom_node_associations_rejected", "A-ASSOCIATE-RJ sent",
+                                ["reason"], registry=REGISTRY)  # fmt: skip
+BYTES_IN = Counter("dicom_node_bytes_received", "Bytes of instances spooled", registry=REGISTRY)
+PROCESSED = Counter("dicom_node_instances_processed", "Instances routed and transcoded",
+                    ["rule", "outcome"], registry=REGISTRY)  # fmt: skip
+RULE_BYTES_IN = Counter("dicom_node_rule_bytes_in", "Bytes received per rule (ratio: in / out)",
+                        ["rule"], registry=REGISTRY)  # fmt: skip
+BYTES_OUT = Counter("dicom_node_bytes_out", "Bytes of processed output", ["rule"],
+                    registry=REGISTRY)  # fmt: skip
+CODEC_SECONDS = Histogram("dicom_node_codec_seconds", "Time to route, transcode and verify one",
+                          ["rule"], registry=REGISTRY)  # fmt: skip
+DELIVERED = Counter("dicom_node_instances_forwarded", "Deliveries a destination took",
+                    ["destination"], registry=REGISTRY)  # fmt: skip
+DELIVERY_FAILURES = Counter("dicom_node_delivery_failures", "Failed delivery attempts",
+                            ["destination", "kind"], registry=REGISTRY)  # fmt: skip
+QUARANTINED = Counter("dicom_node_instances_quarantined", "Instances no rule matched",
+                      registry=REGISTRY)  # fmt: skip
+
+
+class QueueCollector:
+    """Queue depth, oldest age and dead letters per destination, read at scrape time."""
+
+    def __init__(self, stats: Callable[[], list]):
+        self.stats = stats
+
+    def collect(self):
+        depth = GaugeMetricFamily("dicom_node_queue_pending", "Instances waiting per destination",
+                                  labels=["destination"])  # fmt: skip
+        oldest = GaugeMetricFamily(
+            "dicom_node_queue_oldest_seconds", "Age of the oldest waiting instance",
+            labels=["destination"],
+        )  # fmt: skip
+        dead = GaugeMetricFamily("dicom_node_dead_letters", "Dead-lettered instances",
+                                 labels=["destination"])  # fmt: skip
+        for s in self.stats():
+            depth.add_metric([s.destination], s.pending)
+            oldest.add_metric([s.destination], s.oldest_age or 0.0)
+            dead.add_metric([s.destination], s.dead)
+        yield from (depth, oldest, dead)
+
+
+class ObservabilityServer:
+    """/metrics and /healthz. `health` returns None when healthy, else the reason."""
+
+    def __init__(self, host: str, port: int, health: Callable[[], str | None]):
+        registry, check = REGISTRY, health
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                if self.path == "/metrics":
+                    self._answer(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+                elif self.path == "/healthz":
+                    problem = check()
+                    body = (f"unhealthy: {problem}\n" if problem else "ok\n").encode()
+                    self._answer(503 if problem else 200, body, "text/plain; charset=utf-8")
+                else:
+                    self._answer(404, b"try /metrics or /healthz\n", "text/plain")
+
+            def _answer(self, code: int, body: bytes, content_type: str) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:  # scrapes are not worth a log line each
+                pass
+
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    def start(self) -> None:
+        self.thread.start()
+        log.info("metrics and health on http://%s:%d/metrics and /healthz",
+                 *self.server.server_address[:2])  # fmt: skip
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def spool_write_problem(directory: str) -> str | None:
+    """Can the spool take a new instance right now? Writes, fsyncs and removes a probe file."""
+    probe = os.path.join(directory, f".healthz-{os.getpid()}")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"ok")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return f"spool not writable: {exc.strerror or exc}"
+    return None
