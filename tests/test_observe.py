@@ -20,6 +20,8 @@ def get(port: int, path: str) -> tuple[int, str]:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, err.read().decode()
+    except OSError:  # not listening yet (the HTTP server starts just after the DICOM one)
+        return 0, ""
 
 
 def metric(text: str, name: str, **labels: str) -> float:
