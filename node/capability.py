@@ -12,14 +12,19 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 from pydicom.pixels.encoders.base import ENCODING_PROFILES
 from pydicom.uid import (
-    JPEG2000,
     UID,
     ExplicitVRLittleEndian,
-    JPEG2000Lossless,
     JPEGLSNearLossless,
 )
 
-from node.syntaxes import ALWAYS_LOSSY, Target, receivable_syntaxes, syntax_name
+from node.syntaxes import (
+    ALWAYS_LOSSY,
+    HTJ2K_FAMILY,
+    J2K_FAMILY,
+    Target,
+    receivable_syntaxes,
+    syntax_name,
+)
 
 ULTRASOUND_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.5.1.4.1.1.3.1",  # US, US multi-frame
@@ -27,7 +32,19 @@ ULTRASOUND_SOP_CLASSES = {
 }  # fmt: skip
 
 # Encoder limits below what the standard allows (FIELD-NOTES 6).
-_MAX_BITS_STORED = {JPEG2000Lossless: 24, JPEG2000: 24}
+_MAX_BITS_STORED = {uid: 24 for uid in J2K_FAMILY - HTJ2K_FAMILY}
+
+# pydicom has no HTJ2K encoder, so no profile: what the node feeds OpenJPH (imagecodecs), in
+# ENCODING_PROFILES' form. Precision follows the container (8 or 16 bits).
+_HTJ2K_PROFILE = [
+    ("MONOCHROME1", 1, (0, 1), (8, 16), range(1, 17)),
+    ("MONOCHROME2", 1, (0, 1), (8, 16), range(1, 17)),
+    ("PALETTE COLOR", 1, (0,), (8, 16), range(1, 17)),
+    ("RGB", 3, (0,), (8, 16), range(1, 17)),
+    ("YBR_FULL", 3, (0,), (8, 16), range(1, 17)),
+    ("YBR_RCT", 3, (0,), (8, 16), range(1, 17)),
+    ("YBR_ICT", 3, (0,), (8, 16), range(1, 17)),
+]
 _DECODABLE_PHOTOMETRIC = {
     "MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB",
     "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT",
@@ -129,7 +146,7 @@ def needs_mct(facts: PixelFacts, target: Target) -> bool:
     wanted = target.mct if target.mct is not None else facts.sop_class in ULTRASOUND_SOP_CLASSES
     return (
         wanted
-        and target.syntax in (JPEG2000Lossless, JPEG2000)
+        and target.syntax in J2K_FAMILY
         and facts.decoded_photometric == "RGB"
         and facts.samples == 3
     )
@@ -138,7 +155,7 @@ def needs_mct(facts: PixelFacts, target: Target) -> bool:
 def output_photometric(facts: PixelFacts, target: Target) -> str:
     """The Photometric Interpretation the output will carry."""
     if needs_mct(facts, target):
-        return "YBR_ICT" if target.syntax == JPEG2000 else "YBR_RCT"
+        return "YBR_ICT" if target.is_lossy else "YBR_RCT"
     return facts.decoded_photometric
 
 
@@ -179,7 +196,11 @@ def refusal(facts: PixelFacts, target: Target) -> str | None:
             f"Bits Stored {facts.bits_stored} is above the {limit} bits the {name} encoder supports"
         )
     pi = output_photometric(facts, target)
-    for p_pi, p_spp, p_repr, p_alloc, p_stored in ENCODING_PROFILES.get(target.syntax, []):
+    if target.syntax in HTJ2K_FAMILY:
+        profile = _HTJ2K_PROFILE
+    else:
+        profile = ENCODING_PROFILES.get(target.syntax, [])
+    for p_pi, p_spp, p_repr, p_alloc, p_stored in profile:
         if (
             pi == p_pi
             and facts.samples == p_spp

@@ -109,6 +109,12 @@ class PeerSession:
     MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1-255
 
     def __init__(self, dest: DicomDestination):
+        from pynetdicom import _config
+
+        # send_c_store(path) then streams the file's encoded dataset in PDU-sized chunks
+        # instead of decoding it whole: it needs a context in the file's exact syntax,
+        # which is what _store picks.
+        _config.STORE_SEND_CHUNKED_DATASET = True
         self.dest = dest
         self.assoc = None
         self.sent = 0

@@ -15,6 +15,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import dcmwrite
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from node.config import Config, FolderDestination
 from node.deliver import layout_path
@@ -24,6 +25,8 @@ from node.syntaxes import Target, TranscodeSpec, syntax_name
 from node.transcode import TranscodeResult, transcode
 
 KEEP = TranscodeSpec(Target(None))
+# Pixel Data above this stays on disk and is read frame by frame (large multi-frame instances).
+LARGE_PIXEL_DATA = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,9 @@ def process_entry(
     started = time.perf_counter()
     warnings.filterwarnings("ignore", module="pydicom")
     try:
-        ds = dcmread(entry.path)
-        ds.file_meta.TransferSyntaxUID  # noqa: B018 - must exist to route and decode
+        ds = dcmread(entry.path, defer_size=LARGE_PIXEL_DATA)
+        if ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian:
+            ds = dcmread(entry.path)  # deferred values cannot be re-read from a deflated file
     except (InvalidDicomError, AttributeError, EOFError, OSError, ValueError, KeyError) as exc:
         return ProcessOutcome(entry, None, None, quarantine_reason=f"unreadable dataset: {exc}")
     arrival = read_arrival(ds)
@@ -91,7 +95,11 @@ def process_entry(
             ),
         )  # fmt: skip
     syntax_in = str(ds.file_meta.TransferSyntaxUID)
-    result: TranscodeResult = transcode(ds, KEEP if as_received else rule.transcode)
+    pixels = ds.get_item(0x7FE00010, keep_deferred=True) if "PixelData" in ds else None
+    on_disk = pixels is not None and pixels.value is None and pixels.length  # deferred
+    result: TranscodeResult = transcode(
+        ds, KEEP if as_received else rule.transcode, entry.path if on_disk else None
+    )
     notes = result.notes + (("worker crashed on this instance before; sent as received",)
                             if as_received else ())  # fmt: skip
     if result.dataset is not None:

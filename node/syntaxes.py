@@ -22,12 +22,28 @@ ENCODABLE: tuple[UID, ...] = (
     _uid.JPEGLSNearLossless,
     _uid.JPEG2000Lossless,
     _uid.JPEG2000,
+    _uid.HTJ2KLossless,
+    _uid.HTJ2KLosslessRPCL,
+    _uid.HTJ2K,
 )
+
+# JPEG 2000 family: `mct` applies; HTJ2K is encoded by OpenJPH (imagecodecs), not pydicom.
+J2K_FAMILY: frozenset[UID] = frozenset(
+    {_uid.JPEG2000Lossless, _uid.JPEG2000, _uid.HTJ2KLossless, _uid.HTJ2KLosslessRPCL, _uid.HTJ2K}
+)
+HTJ2K_FAMILY: frozenset[UID] = frozenset({_uid.HTJ2KLossless, _uid.HTJ2KLosslessRPCL, _uid.HTJ2K})
 
 # Lossless by construction. JPEG-LS near-lossless with jls_error 0 is also lossless, but the
 # syntax itself says "may be lossy", so it is treated as lossy bookkeeping-wise only when error > 0.
 LOSSLESS: frozenset[UID] = frozenset(
-    {_uid.ExplicitVRLittleEndian, _uid.RLELossless, _uid.JPEGLSLossless, _uid.JPEG2000Lossless}
+    {
+        _uid.ExplicitVRLittleEndian,
+        _uid.RLELossless,
+        _uid.JPEGLSLossless,
+        _uid.JPEG2000Lossless,
+        _uid.HTJ2KLossless,
+        _uid.HTJ2KLosslessRPCL,
+    }
 )
 
 # Lossy Image Compression Method (0028,2114) defined terms, PS3.3 C.7.6.1.1.5.1.
@@ -36,6 +52,7 @@ LOSSY_METHOD: dict[UID, str] = {
     _uid.JPEGExtended12Bit: "ISO_10918_1",
     _uid.JPEGLSNearLossless: "ISO_14495_1",
     _uid.JPEG2000: "ISO_15444_1",
+    _uid.HTJ2K: "ISO_15444_15",
 }
 
 # Syntaxes whose pixel data is lossy whatever the parameters were.
@@ -106,6 +123,7 @@ class Target:
     j2k_cr: tuple[float, ...] | None = None
     j2k_psnr: tuple[float, ...] | None = None
     mct: bool | None = None  # None: only where the IOD requires it (ultrasound)
+    htj2k_qstep: float | None = None  # HTJ2K (.203) lossy: OpenJPH quantisation step
 
     @property
     def is_lossy(self) -> bool:
@@ -113,6 +131,8 @@ class Target:
             return False
         if self.syntax == _uid.JPEGLSNearLossless:
             return bool(self.jls_error)
+        if self.syntax == _uid.HTJ2K:  # "lossy or lossless": reversible unless a step is given
+            return self.htj2k_qstep is not None
         return True
 
     def describe(self) -> str:
@@ -123,6 +143,8 @@ class Target:
             parts.append(f"j2k_cr={list(self.j2k_cr)}")
         if self.j2k_psnr is not None:
             parts.append(f"j2k_psnr={list(self.j2k_psnr)}")
+        if self.htj2k_qstep is not None:
+            parts.append(f"htj2k_qstep={self.htj2k_qstep:g}")
         if self.mct is not None:
             parts.append("mct" if self.mct else "no-mct")
         return " ".join(parts)
@@ -146,7 +168,7 @@ class TranscodeSpec:
 LOSSY_GUARDED = ("already-lossy", "mammography", "for-processing")
 
 
-_TARGET_KEYS = {"syntax", "jls_error", "j2k_cr", "j2k_psnr", "mct"}
+_TARGET_KEYS = {"syntax", "jls_error", "j2k_cr", "j2k_psnr", "mct", "htj2k_qstep"}
 
 
 def lookup_syntax(name: Any) -> UID | None:
@@ -263,11 +285,31 @@ def parse_target(raw: Any) -> Target:
                     "j2k_psnr: quality layers must be in increasing order", "j2k_psnr"
                 )
 
+    htj2k_qstep = raw.get("htj2k_qstep")
+    if htj2k_qstep is not None:
+        if syntax != _uid.HTJ2K:
+            raise SyntaxError_(
+                f"htj2k_qstep applies to HTJ2K (lossy) only, not {name}", "htj2k_qstep"
+            )
+        if (
+            isinstance(htj2k_qstep, bool)
+            or not isinstance(htj2k_qstep, (int, float))
+            or not 0 < htj2k_qstep < 1
+        ):
+            raise SyntaxError_(
+                "htj2k_qstep: expected a quantisation step between 0 and 1 (e.g. 0.005; "
+                f"smaller is closer to the original), got {htj2k_qstep!r}",
+                "htj2k_qstep",
+            )
+        htj2k_qstep = float(htj2k_qstep)
+
     mct = raw.get("mct")
     if mct is not None and not isinstance(mct, bool):
         raise SyntaxError_(f"mct: expected true or false, got {mct!r}", "mct")
-    if syntax not in (_uid.JPEG2000Lossless, _uid.JPEG2000):
+    if syntax not in J2K_FAMILY:
         if mct:
-            raise SyntaxError_(f"mct applies to JPEG 2000 syntaxes only, not {name}", "mct")
+            raise SyntaxError_(
+                f"mct applies to JPEG 2000 and HTJ2K syntaxes only, not {name}", "mct"
+            )
         mct = None  # `mct: false` elsewhere says nothing
-    return Target(syntax, jls_error, j2k_cr, j2k_psnr, mct)
+    return Target(syntax, jls_error, j2k_cr, j2k_psnr, mct, htj2k_qstep)

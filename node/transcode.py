@@ -9,11 +9,15 @@ instance goes on exactly as received.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+import functools
+import struct
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileDataset
 from pydicom.encaps import encapsulate
 from pydicom.multival import MultiValue
 from pydicom.pixels import (
@@ -24,21 +28,30 @@ from pydicom.pixels import (
     iter_pixels,
 )
 from pydicom.uid import (
-    JPEG2000,
     PYDICOM_IMPLEMENTATION_UID,
     UID,
     ExplicitVRLittleEndian,
+    HTJ2KLosslessRPCL,
     JPEGLSNearLossless,
     generate_uid,
 )
 
 from node import capability
-from node.syntaxes import ALWAYS_LOSSY, LOSSY_METHOD, Target, TranscodeSpec, syntax_name
+from node.syntaxes import (
+    ALWAYS_LOSSY,
+    HTJ2K_FAMILY,
+    J2K_FAMILY,
+    LOSSY_METHOD,
+    Target,
+    TranscodeSpec,
+    syntax_name,
+)
 
 # Name the plugin: pydicom's pure-Python RLE encoder is ~8x slower (FIELD-NOTES 2).
 _PLUGIN = {"1.2.840.10008.1.2.5": "pylibjpeg", "1.2.840.10008.1.2.4.80": "pyjpegls",
            "1.2.840.10008.1.2.4.81": "pyjpegls", "1.2.840.10008.1.2.4.90": "pylibjpeg",
            "1.2.840.10008.1.2.4.91": "pylibjpeg"}  # fmt: skip
+_PIXEL_TAGS = (0x7FE00001, 0x7FE00002, 0x7FE00010)  # Extended Offset Table (+ lengths), Pixel Data
 _RAW_VRS = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
 IMPLEMENTATION_VERSION = "DICOM_NODE_01"
 
@@ -59,8 +72,14 @@ class Refused(Exception):
     """This target cannot (or did not correctly) encode this image; the message says why."""
 
 
-def transcode(ds: Dataset, spec: TranscodeSpec) -> TranscodeResult:
-    """Encode `ds` to the first candidate of `spec` that can take it, verified."""
+def transcode(
+    ds: Dataset, spec: TranscodeSpec, pixel_source: Path | None = None
+) -> TranscodeResult:
+    """Encode `ds` to the first candidate of `spec` that can take it, verified.
+
+    `pixel_source`: the file `ds` was read from with its Pixel Data deferred (a large
+    multi-frame instance); frames are then read from it one at a time, never all at once.
+    """
     notes: list[str] = []
     try:
         facts = capability.pixel_facts(ds)
@@ -83,7 +102,7 @@ def transcode(ds: Dataset, spec: TranscodeSpec) -> TranscodeResult:
                 )
                 continue
         try:
-            out, ratio, max_error = _encode(ds, facts, target)
+            out, ratio, max_error = _encode(ds, facts, target, pixel_source)
         except Refused as exc:
             notes.append(f"{target.describe()}: {exc}")
             continue
@@ -97,7 +116,9 @@ def transcode(ds: Dataset, spec: TranscodeSpec) -> TranscodeResult:
     return TranscodeResult(None, "passed-through", None, tuple(notes))
 
 
-def _encode(ds: Dataset, facts: capability.PixelFacts, target: Target):
+def _encode(
+    ds: Dataset, facts: capability.PixelFacts, target: Target, pixel_source: Path | None = None
+):
     reason = capability.refusal(facts, target)
     if reason:
         raise Refused(reason)
@@ -114,10 +135,11 @@ def _encode(ds: Dataset, facts: capability.PixelFacts, target: Target):
     if target.j2k_psnr is not None:
         params["j2k_psnr"] = list(target.j2k_psnr)
 
+    frames = decoded_frames(ds, facts, pixel_source)
     if target.syntax == ExplicitVRLittleEndian:
-        encoded_bytes, max_error = _native_pixels(ds, out, facts)
+        encoded_bytes, max_error = _native_pixels(frames, out, facts)
     else:
-        encoded_bytes, max_error = _encapsulated_pixels(ds, out, facts, target, params)
+        encoded_bytes, max_error = _encapsulated_pixels(frames, out, facts, target, params)
 
     uncompressed = facts.frame_bytes * facts.frames
     ratio = uncompressed / encoded_bytes if encoded_bytes else None
@@ -133,25 +155,24 @@ def _encode(ds: Dataset, facts: capability.PixelFacts, target: Target):
 
 
 def _encapsulated_pixels(
-    ds: Dataset, out: Dataset, facts: capability.PixelFacts, target: Target, params: dict
+    frames: Iterator[np.ndarray],
+    out: Dataset,
+    facts: capability.PixelFacts,
+    target: Target,
+    params: dict,
 ):
     uid = UID(target.syntax)
-    encoder, decoder = get_encoder(uid), get_decoder(uid)
-    opts = as_pixel_options(out, **params)
-    opts["number_of_frames"] = 1
-    decode_opts = {k: v for k, v in opts.items() if k not in ("jls_error", "j2k_cr", "j2k_psnr")}
+    encode, decode = _frame_codec(uid, as_pixel_options(out, **params), target, facts)
     allowed_error = target.jls_error if uid == JPEGLSNearLossless else 0
-    frames: list[bytes] = []
+    bounded = not (target.is_lossy and uid in J2K_FAMILY)  # lossy J2K: ratio, not error bound
+    pixel_data = _Encapsulated(facts.frames)
     max_error = 0
-    for index, frame in enumerate(decoded_frames(ds, facts)):
-        try:
-            encoded = encoder.encode(frame, encoding_plugin=_PLUGIN[uid], **opts)
-        except ValueError as exc:  # pydicom's validation: pixel range, profile, shape
-            raise Refused(str(exc).replace("\n", " ")) from None
-        decoded, _ = decoder.as_array(encapsulate([encoded]), raw=True, **decode_opts)
+    for index, frame in enumerate(frames):
+        encoded = encode(frame)
+        decoded = decode(encoded)
         if decoded.shape != frame.shape:
             raise Refused(f"frame {index}: decoded shape {decoded.shape} != {frame.shape}")
-        if uid != JPEG2000:  # lossy J2K has no error bound; its ratio is recorded instead
+        if bounded:
             error = _max_abs_difference(decoded, frame)
             if error > (allowed_error or 0):
                 raise Refused(
@@ -159,17 +180,107 @@ def _encapsulated_pixels(
                     f"allowed {allowed_error or 0}"
                 )
             max_error = max(max_error, error)
-        frames.append(bytes(encoded))
-    out.PixelData = encapsulate(
-        frames, has_bot=True
-    )  # as pydicom compress(): a BOT entry per frame
+        pixel_data.add(encoded)
+    out.PixelData = pixel_data.finish()
     out["PixelData"].VR = "OB"
     out["PixelData"].is_undefined_length = True
-    return sum(len(f) for f in frames), (max_error if uid != JPEG2000 else None)
+    return pixel_data.frame_bytes, (max_error if bounded else None)
 
 
-def _native_pixels(ds: Dataset, out: Dataset, facts: capability.PixelFacts):
-    frames = [f.astype(f.dtype.newbyteorder("<"), copy=False) for f in decoded_frames(ds, facts)]
+class _Encapsulated:
+    """Encapsulated Pixel Data built frame by frame in one buffer: the same bytes as pydicom's
+    `encapsulate(frames, has_bot=True)` (one fragment per frame, a Basic Offset Table), without
+    a list of frames beside it."""
+
+    _ITEM = b"\xfe\xff\x00\xe0"
+
+    def __init__(self, frames: int):
+        self._count = frames
+        self._offsets: list[int] = []
+        self.frame_bytes = 0
+        self._buf = bytearray(self._ITEM + struct.pack("<I", 4 * frames) + bytes(4 * frames))
+        self._first_item = len(self._buf)
+
+    def add(self, encoded: bytes) -> None:
+        self._offsets.append(len(self._buf) - self._first_item)
+        self.frame_bytes += len(encoded)
+        padding = b"\0" if len(encoded) % 2 else b""
+        self._buf += self._ITEM + struct.pack("<I", len(encoded) + len(padding))
+        self._buf += encoded
+        self._buf += padding
+
+    def finish(self) -> bytes:
+        if len(self._offsets) != self._count:
+            raise Refused(f"{len(self._offsets)} frames decoded, Number of Frames {self._count}")
+        if len(self._buf) > 0xFFFFFFFF:
+            raise Refused("more than 4 GiB encoded: beyond what a Basic Offset Table can index")
+        self._buf[8 : self._first_item] = struct.pack(f"<{self._count}I", *self._offsets)
+        data = bytes(self._buf)  # pydicom takes bytes only; the buffer is released at once
+        self._buf = bytearray()
+        return data
+
+
+def _frame_codec(
+    uid: UID, opts: dict, target: Target, facts: capability.PixelFacts
+) -> tuple[Callable[[np.ndarray], bytes], Callable[[bytes], np.ndarray]]:
+    """(encode one frame, decode it again with pydicom) for this target."""
+    opts["number_of_frames"] = 1
+    decode_opts = {k: v for k, v in opts.items() if k not in ("jls_error", "j2k_cr", "j2k_psnr")}
+    decoder = get_decoder(uid)
+    # CharLS decodes JPEG-LS ~4x faster than libjpeg, pydicom's first choice (FIELD-NOTES 2).
+    decode_plugin = _PLUGIN.get(uid, "")
+
+    def decode(encoded: bytes) -> np.ndarray:
+        with warnings.catch_warnings():  # HTJ2K precision is the container's (see _htj2k)
+            warnings.simplefilter("ignore", UserWarning)
+            return decoder.as_array(
+                encapsulate([encoded]), raw=True, decoding_plugin=decode_plugin, **decode_opts
+            )[0]
+
+    if uid in HTJ2K_FAMILY:
+        return functools.partial(_htj2k, uid=uid, target=target, facts=facts), decode
+    encoder = get_encoder(uid)
+
+    def encode(frame: np.ndarray) -> bytes:
+        try:
+            return encoder.encode(frame, encoding_plugin=_PLUGIN[uid], **opts)
+        except ValueError as exc:  # pydicom's validation: pixel range, profile, shape
+            raise Refused(str(exc).replace("\n", " ")) from None
+
+    return encode, decode
+
+
+def _htj2k(frame: np.ndarray, uid: UID, target: Target, facts: capability.PixelFacts) -> bytes:
+    """OpenJPH through imagecodecs (pydicom has no HTJ2K encoder; FIELD-NOTES 8).
+
+    Its precision is the container's (8 or 16 bits), which pydicom's decoder accepts; the
+    default progression is RPCL; the RPCL syntax also needs TLM markers (PS3.5 8.2.15).
+    """
+    import imagecodecs  # only the workers that encode HTJ2K pay for the import
+
+    rpcl = uid == HTJ2KLosslessRPCL
+    encoded = imagecodecs.htj2k_encode(
+        np.ascontiguousarray(frame, dtype=frame.dtype.newbyteorder("=")),  # big endian input
+        level=target.htj2k_qstep,
+        reversible=not target.is_lossy,
+        rgb=capability.needs_mct(facts, target) if facts.samples == 3 else None,
+        tlm=rpcl,
+        tilepart=imagecodecs.HTJ2K.TILEPART.RESOLUTIONS if rpcl else None,
+    )
+    if rpcl and not _is_rpcl_with_tlm(encoded):
+        raise Refused("the HTJ2K encoder did not produce RPCL order with TLM markers")
+    return bytes(encoded)
+
+
+def _is_rpcl_with_tlm(codestream: bytes) -> bool:
+    header_end = codestream.find(b"\xff\x90")  # first SOT: the main header ends there
+    header = codestream[:header_end]
+    cod = header.find(b"\xff\x52")
+    return cod > 0 and header[cod + 5] == 2 and b"\xff\x55" in header  # 2 = RPCL
+
+
+def _native_pixels(frames: Iterator[np.ndarray], out: Dataset, facts: capability.PixelFacts):
+    frames = [f.astype(f.dtype.newbyteorder("<"), copy=False) for f in frames]
     data = b"".join(f.tobytes() for f in frames)
     if len(data) % 2:
         data += b"\0"
@@ -183,9 +294,11 @@ def _native_pixels(ds: Dataset, out: Dataset, facts: capability.PixelFacts):
     return len(data), 0
 
 
-def decoded_frames(ds: Dataset, facts: capability.PixelFacts) -> Iterator[np.ndarray]:
+def decoded_frames(
+    ds: Dataset, facts: capability.PixelFacts, pixel_source: Path | None = None
+) -> Iterator[np.ndarray]:
     """Each frame as the output will hold it: raw, except YBR from lossy JPEG, made RGB."""
-    for frame in iter_pixels(ds, raw=True):
+    for frame in iter_pixels(pixel_source or ds, raw=True):
         yield convert_color_space(frame, "YBR_FULL", "RGB") if facts.converts_to_rgb else frame
 
 
@@ -196,16 +309,23 @@ def _max_abs_difference(a: np.ndarray, b: np.ndarray) -> int:
 
 
 def _header_copy(ds: Dataset) -> Dataset:
-    """Everything but the pixel data and its old encapsulation tables, little endian."""
-    held = {tag: ds[tag] for tag in (0x7FE00001, 0x7FE00002, 0x7FE00010) if tag in ds}
-    for tag in held:
-        del ds[tag]
-    try:
-        out = copy.deepcopy(ds)
-    finally:
-        for tag, elem in held.items():
-            ds[tag] = elem
-    if ds.original_encoding[1] is False:  # big endian: raw word values must be swapped
+    """Everything but the pixel data and its old encapsulation tables, little endian.
+
+    Top-level elements are copied one by one (deepcopy of a whole header cost a third of an
+    HTJ2K transcode); nested sequences are shared, as nothing here changes them, except
+    big endian input, whose raw word values are swapped in a deep copy.
+    """
+    big_endian = ds.original_encoding[1] is False
+    out = FileDataset(
+        getattr(ds, "filename", None) or "", Dataset(), file_meta=copy.deepcopy(ds.file_meta)
+    )
+    for tag in ds.keys():  # noqa: SIM118 - iterating ds itself loads deferred values
+        if tag in _PIXEL_TAGS:
+            continue
+        elem = ds.get_item(tag, keep_deferred=True)  # raw stays raw, deferred stays on disk
+        out[tag] = copy.deepcopy(elem) if big_endian else copy.copy(elem)
+    out.set_original_encoding(*ds.original_encoding[:2], ds.original_character_set)
+    if big_endian:
         _swap_raw_values(out)
     return out
 

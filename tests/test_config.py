@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 SRC = "node.yaml"
 SUPPORTED = (
     "supported: keep, ExplicitVRLittleEndian, RLELossless, JPEGLSLossless, JPEGLSNearLossless, "
-    "JPEG2000Lossless, JPEG2000"
+    "JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K"
 )
 
 # The README's configuration example, verbatim.
@@ -739,7 +739,7 @@ def test_unknown_transfer_syntax_on_a_block_mapping_names_the_syntax_line():
     [
         ("JPEGBaseline8Bit", "JPEGBaseline8Bit (1.2.840.10008.1.2.4.50)"),
         ("1.2.840.10008.1.2.4.50", "JPEGBaseline8Bit (1.2.840.10008.1.2.4.50)"),
-        ("HTJ2KLossless", "HTJ2KLossless (1.2.840.10008.1.2.4.201)"),
+        ("JPEGLosslessSV1", "JPEGLosslessSV1 (1.2.840.10008.1.2.4.70)"),
         ("ImplicitVRLittleEndian", "ImplicitVRLittleEndian (1.2.840.10008.1.2)"),
         ("1.2.3.4", "1.2.3.4 (1.2.3.4)"),
     ],
@@ -887,8 +887,38 @@ def test_mct_not_a_bool_is_reported(value, shown):
 @pytest.mark.parametrize("syntax", ["JPEGLSLossless", "RLELossless"])
 def test_mct_on_a_non_jpeg2000_syntax_is_reported(syntax):
     assert problems(rule_with_transcode(f"{{syntax: {syntax}, mct: true}}")) == [
-        f"node.yaml:6: rule 'r'.transcode: mct applies to JPEG 2000 syntaxes only, not {syntax}"
+        "node.yaml:6: rule 'r'.transcode: "
+        f"mct applies to JPEG 2000 and HTJ2K syntaxes only, not {syntax}"
     ]
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("{syntax: HTJ2KLossless, htj2k_qstep: 0.01}",
+         "htj2k_qstep applies to HTJ2K (lossy) only, not HTJ2KLossless"),
+        ("{syntax: HTJ2K, htj2k_qstep: 2}",
+         "htj2k_qstep: expected a quantisation step between 0 and 1 (e.g. 0.005; smaller is "
+         "closer to the original), got 2"),
+        ("{syntax: HTJ2K, htj2k_qstep: fine}",
+         "htj2k_qstep: expected a quantisation step between 0 and 1 (e.g. 0.005; smaller is "
+         "closer to the original), got 'fine'"),
+    ],
+)  # fmt: skip
+def test_htj2k_qstep_problems_are_reported(body, message):
+    assert problems(rule_with_transcode(body)) == [f"node.yaml:6: rule 'r'.transcode: {message}"]
+
+
+def test_htj2k_targets_parse():
+    rules = parse(rule_with_transcode("{syntax: HTJ2K, htj2k_qstep: 0.005, mct: true}")).rules
+    target = rules[0].transcode.target
+    assert (target.syntax, target.htj2k_qstep, target.mct, target.is_lossy) == (
+        "1.2.840.10008.1.2.4.203",
+        0.005,
+        True,
+        True,
+    )
+    assert not parse(rule_with_transcode("{syntax: HTJ2K}")).rules[0].transcode.target.is_lossy
 
 
 def test_mct_false_is_accepted_on_any_syntax():

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from pydicom import dcmread, uid
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.pixels import pixel_array
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.pixels import iter_pixels, pixel_array
 
 from node import transcode as transcode_module
 from node.syntaxes import Target, TranscodeSpec
@@ -49,7 +50,8 @@ def test_reference_sizes_of_the_encoding_guides_are_reproduced(name, rule, size)
 
 
 @pytest.mark.parametrize("syntax", [uid.JPEGLSLossless, uid.JPEG2000Lossless, uid.RLELossless,
-                                    uid.ExplicitVRLittleEndian])  # fmt: skip
+                                    uid.ExplicitVRLittleEndian, uid.HTJ2KLossless,
+                                    uid.HTJ2KLosslessRPCL, uid.HTJ2K])  # fmt: skip
 @pytest.mark.parametrize("name", ["CT_small.dcm", "US1_UNCR.dcm", "MR_small_bigendian.dcm",
                                   "SC_rgb_16bit_2frame.dcm", "emri_small_RLE.dcm",
                                   "OBXXXX1A_2frame.dcm", "image_dfl.dcm", "MR_small_implicit.dcm",
@@ -91,6 +93,49 @@ def test_lossy_output_gets_new_uid_and_lossy_bookkeeping():
     assert out.ImageType[0] == "DERIVED"
     assert list(out.ImageType[1:]) == list(source.ImageType[1:])
     assert "dicom-node" in out.DerivationDescription
+
+
+@pytest.mark.parametrize("syntax", [uid.HTJ2KLossless, uid.HTJ2KLosslessRPCL, uid.HTJ2K])
+@pytest.mark.parametrize("name", ["CT_small.dcm", "US1_UNCR.dcm", "SC_rgb_16bit_2frame.dcm",
+                                  "MR_small_bigendian.dcm", "OBXXXX1A_2frame.dcm"])  # fmt: skip
+def test_htj2k_frames_decode_identically_with_openjph_too(name, syntax):
+    """pydicom verified the output with OpenJPEG; OpenJPH (imagecodecs) is a second,
+    independent decoder of the same codestreams."""
+    import imagecodecs
+
+    source = dcmread(data_file(name))
+    out = transcode(source, spec(syntax)).dataset
+    expected = list(iter_pixels(source, raw=True))
+    frames = list(generate_frames(out.PixelData, number_of_frames=len(expected)))
+    assert len(frames) == len(expected)
+    for frame, original in zip(frames, expected, strict=True):
+        np.testing.assert_array_equal(imagecodecs.htj2k_decode(frame, planar=False), original)
+
+
+def test_htj2k_rpcl_codestreams_have_rpcl_order_and_tlm_markers():
+    out = transcode(dcmread(data_file("CT_small.dcm")), spec(uid.HTJ2KLosslessRPCL)).dataset
+    codestream = next(generate_frames(out.PixelData, number_of_frames=1))
+    main_header = codestream[: codestream.find(b"\xff\x90")]
+    assert main_header[main_header.find(b"\xff\x52") + 5] == 2  # COD progression: RPCL
+    assert b"\xff\x55" in main_header  # TLM
+    assert codestream.count(b"\xff\x90") > 1  # one tile-part per resolution
+
+
+def test_rgb_into_htj2k_with_mct_is_ybr_rct_and_lossy_htj2k_records_its_step():
+    source = dcmread(data_file("US1_UNCR.dcm"))
+    lossless = transcode(source, spec(uid.HTJ2KLossless)).dataset  # ultrasound: MCT by default
+    assert lossless.PhotometricInterpretation == "YBR_RCT"
+    np.testing.assert_array_equal(raw(lossless), raw(source))
+    assert transcode(source, spec(uid.HTJ2K, mct=False)).dataset.PhotometricInterpretation == (
+        "RGB"
+    )
+    result = transcode(source, spec(uid.HTJ2K, htj2k_qstep=0.01))
+    out = result.dataset
+    assert out.PhotometricInterpretation == "YBR_ICT"
+    assert out.file_meta.TransferSyntaxUID == uid.HTJ2K
+    assert out.SOPInstanceUID != source.SOPInstanceUID
+    assert (out.LossyImageCompression, out.LossyImageCompressionMethod) == ("01", "ISO_15444_15")
+    assert result.ratio > 5 and result.max_error is None
 
 
 def test_lossy_uid_is_deterministic_so_a_rerun_after_a_crash_makes_no_duplicate():
@@ -265,3 +310,45 @@ def test_no_lossy_step_on_guarded_images_unless_the_rule_allows_it(kind, prepare
     assert refused.dataset.SOPInstanceUID == source.SOPInstanceUID
     allowed = transcode(source, TranscodeSpec(lossy, allow_lossy=frozenset({kind})))
     assert allowed.target == lossy and allowed.dataset.LossyImageCompression == "01"
+
+
+@pytest.mark.parametrize("sizes", [[4, 5, 6], [1], [7, 7], [2, 3, 5, 8, 13]])
+def test_frame_by_frame_encapsulation_matches_pydicom(sizes):
+    frames = [bytes(range(n)) for n in sizes]
+    built = transcode_module._Encapsulated(len(frames))
+    for frame in frames:
+        built.add(frame)
+    assert bytes(built.finish()) == encapsulate(frames, has_bot=True)
+    assert built.frame_bytes == sum(sizes)
+
+
+def test_large_pixel_data_is_read_from_disk_frame_by_frame(tmp_path, monkeypatch):
+    """A large multi-frame instance: Pixel Data stays deferred on disk (never loaded whole),
+    frames come from the file one at a time, and the output is still bit-exact."""
+    from node import process
+    from node.config import parse_config
+    from node.spool import SpoolEntry
+
+    monkeypatch.setattr(process, "LARGE_PIXEL_DATA", 1024)
+    source = tmp_path / "multi.dcm"
+    dcmread(data_file("emri_small.dcm")).save_as(source)  # 10 frames of 64x64, 8 KiB each
+    seen = []
+    real = transcode_module.decoded_frames
+
+    def spy(ds, facts, pixel_source=None):
+        seen.append((pixel_source, ds.get_item(0x7FE00010, keep_deferred=True).value is None))
+        return real(ds, facts, pixel_source)
+
+    monkeypatch.setattr(transcode_module, "decoded_frames", spy)
+    config = parse_config(
+        "destinations: {a: {type: folder, path: ./a}}\n"
+        "rules: [{name: r, transcode: {syntax: HTJ2KLossless}, send_to: [a]}]\n",
+        "node.yaml",
+        tmp_path,
+    )
+    outcome = process.process_entry(SpoolEntry(source), config, tmp_path / "out.dcm")
+    assert outcome.outcome == "recompressed", outcome.notes
+    assert seen == [(source, True)]
+    np.testing.assert_array_equal(
+        raw(dcmread(tmp_path / "out.dcm")), raw(dcmread(data_file("emri_small.dcm")))
+    )

@@ -41,6 +41,9 @@ TARGETS: dict[str, dict] = {
     "J2K-MCT": {"syntax": "JPEG2000Lossless", "mct": True},
     "J2K-cr": {"syntax": "JPEG2000", "j2k_cr": [20, 10, 5]},
     "J2K-psnr": {"syntax": "JPEG2000", "j2k_psnr": [60, 80]},
+    "HTJ2K": {"syntax": "HTJ2KLossless"},
+    "HTJ2K-RPCL": {"syntax": "HTJ2KLosslessRPCL"},
+    "HTJ2K-q": {"syntax": "HTJ2K", "htj2k_qstep": 0.002},
 }
 
 # pydicom's own test files (and tests/data, made with DCMTK) added to every file of
