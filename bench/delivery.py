@@ -31,6 +31,7 @@ Orthanc is polled every 50 ms, so arrival times are +-0.05 s.
 Every process started here (Orthanc, the node, storescu) runs in its own process group and is
 stopped in a `finally`, also on Ctrl-C and SIGTERM. The temporary folder is removed at the end
 (with --keep, or after a failure, the logs are kept and their folder is printed).
+The process, Orthanc, node and storescu helpers live in bench/common.py.
 """
 
 from __future__ import annotations
@@ -44,32 +45,37 @@ import platform
 import random
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pynetdicom
+from common import (
+    LOG_TROUBLE,
+    NODE,
+    NODE_AET,
+    ORTHANC,
+    ORTHANC_AET,
+    POLL,
+    START_TIMEOUT,
+    STORESCU,
+    BenchError,
+    Orthanc,
+    Processes,
+    Sender,
+    first_line,
+    http_get,
+    ignore_signals_for_cleanup,
+    install_signal_handlers,
+)
+from common import Node as BaseNode
 from pydicom.uid import generate_uid
 
-ROOT = Path(__file__).resolve().parent.parent
-NODE = ROOT / ".venv" / "bin" / "dicom-node"
-ORTHANC = "/usr/sbin/Orthanc"
-STORESCU = shutil.which("storescu") or "/usr/bin/storescu"
-NODE_AET = "DICOM-NODE"
-ORTHANC_AET = "ORTHANC"
-POLL = 0.05  # seconds between polls of Orthanc's instance count
-START_TIMEOUT = 60.0  # seconds for Orthanc or the node to become ready
-LOG_RECORD_START = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")
-LOG_TROUBLE = re.compile(r" (WARNING|ERROR|CRITICAL) |Traceback")
 # What the node is expected to log while Orthanc is down: its own retry warning, and pynetdicom
 # reporting the dropped association and the refused connections.
 RETRY_WARNING = re.compile(r"WARNING dicom_node\.deliver: orthanc: .*; next try in ")
@@ -80,81 +86,6 @@ OUTAGE_NOISE = re.compile(
     r"|transport: TCP Initialisation Error: \[Errno 111\] Connection refused)"
 )
 OUTAGE_MIN_RETRIES = 3  # failed tries before Orthanc comes back: the backoff is at max_delay
-# The local REST API must not go through an http_proxy from the environment.
-_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-class BenchError(Exception):
-    pass
-
-
-# --- processes and ports -------------------------------------------------------------------
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct free TCP ports on 127.0.0.1 (bound to port 0 together, then released)."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-class Processes:
-    """Every long-running child, each the leader of its own process group."""
-
-    def __init__(self) -> None:
-        self._procs: list[subprocess.Popen] = []
-
-    def start(
-        self, argv: list[str], log: Path, cwd: Path | None = None, env: dict | None = None
-    ) -> subprocess.Popen:
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(
-                argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        self._procs.append(proc)
-        return proc
-
-    def stop(self, proc: subprocess.Popen, grace: float = 15.0) -> None:
-        """SIGTERM the group, SIGKILL it after `grace` s; then SIGKILL whatever is left in the
-        group (the node's codec worker processes, should the node have died without them)."""
-        if proc.poll() is None:
-            _signal_group(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                _signal_group(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-        _signal_group(proc.pid, signal.SIGKILL)
-        if proc in self._procs:
-            self._procs.remove(proc)
-
-    def stop_all(self) -> None:
-        for proc in reversed(list(self._procs)):
-            try:
-                self.stop(proc, grace=5.0)
-            except Exception as exc:  # keep going: the others must still be stopped
-                print(f"warning: could not stop pid {proc.pid}: {exc}", file=sys.stderr)
-
-
-def tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return f"(no log at {path})"
-    return "\n".join(f"    {line}" for line in text[-lines:])
 
 
 # --- corpus --------------------------------------------------------------------------------
@@ -204,59 +135,6 @@ def make_corpus(folder: Path, count: int, warmups: int) -> Corpus:
     return Corpus(files, warm, uids, sum(f.stat().st_size for f in files))
 
 
-# --- Orthanc -------------------------------------------------------------------------------
-
-
-def http_get(port: int, path: str, timeout: float = 5.0) -> bytes:
-    with _HTTP.open(f"http://127.0.0.1:{port}{path}", timeout=timeout) as response:
-        return response.read()
-
-
-class Orthanc:
-    def __init__(self, procs: Processes, folder: Path, log: Path):
-        self.procs = procs
-        self.folder = folder
-        self.log = log
-        self.dicom_port, self.http_port = free_ports(2)
-        self.proc: subprocess.Popen | None = None
-        folder.mkdir(parents=True)
-        storage = str(folder / "storage")
-        config = {
-            "Name": "bench", "StorageDirectory": storage, "IndexDirectory": storage,
-            "DicomAet": ORTHANC_AET, "DicomPort": self.dicom_port, "HttpPort": self.http_port,
-            "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-            "DicomCheckCalledAet": False, "Plugins": [],
-        }  # fmt: skip
-        self.config = folder / "orthanc.json"
-        self.config.write_text(json.dumps(config, indent=2))
-
-    def start(self) -> float:
-        """Start Orthanc (same ports and storage on a restart); the time /system answered."""
-        self.proc = self.procs.start([ORTHANC, str(self.config)], self.log, cwd=self.folder)
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if self.proc.poll() is not None:
-                raise BenchError(
-                    f"Orthanc exited with status {self.proc.returncode}:\n{tail(self.log)}"
-                )
-            try:
-                http_get(self.http_port, "/system", timeout=2)
-                return time.monotonic()
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise BenchError(f"Orthanc did not answer within {START_TIMEOUT:.0f} s")
-            time.sleep(POLL)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.procs.stop(self.proc)
-            self.proc = None
-
-    def count(self) -> int:
-        return int(json.loads(http_get(self.http_port, "/statistics"))["CountInstances"])
-
-
 # --- the node ------------------------------------------------------------------------------
 
 NODE_CONFIG = """\
@@ -283,49 +161,20 @@ class QueueState:
     last_error: str
 
 
-class Node:
+class Node(BaseNode):
     def __init__(
         self, procs: Processes, folder: Path, log: Path, orthanc_port: int, per_association: int
     ):
-        self.procs = procs
-        self.folder = folder
-        self.log = log
-        self.port = free_ports(1)[0]
-        self.proc: subprocess.Popen | None = None
-        folder.mkdir(parents=True)
-        self.config = folder / "node.yaml"
-        self.config.write_text(
-            NODE_CONFIG.format(
+        def render(port: int) -> str:
+            return NODE_CONFIG.format(
                 aet=NODE_AET,
-                port=self.port,
+                port=port,
                 orthanc_port=orthanc_port,
                 orthanc_aet=ORTHANC_AET,
                 per_association=per_association,
             )  # fmt: skip
-        )
 
-    def start(self) -> None:
-        argv = [str(NODE), "serve", "-c", str(self.config)]
-        self.proc = self.procs.start(argv, self.log, cwd=self.folder)
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if self.proc.poll() is not None:
-                raise BenchError(
-                    f"the node exited with status {self.proc.returncode}:\n{tail(self.log)}"
-                )
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise BenchError(f"the node did not listen within {START_TIMEOUT:.0f} s")
-            time.sleep(POLL)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.procs.stop(self.proc, grace=40.0)  # it finishes work in flight (up to 30 s)
-            self.proc = None
+        super().__init__(procs, folder, log, render)
 
     def queue(self) -> QueueState:
         """`dicom-node queue` for the orthanc destination."""
@@ -342,55 +191,8 @@ class Node:
             return QueueState(0, 0, 0, "")
         raise BenchError(f"cannot read `dicom-node queue`:\n{done.stdout}{done.stderr}")
 
-    def log_records(self) -> list[str]:
-        """The log, one string per record (a traceback stays with the line that logged it)."""
-        lines = self.log.read_text(errors="replace").splitlines() if self.log.exists() else []
-        records: list[str] = []
-        for line in lines:
-            if records and not LOG_RECORD_START.match(line):
-                records[-1] += "\n" + line
-            else:
-                records.append(line)
-        return records
-
 
 # --- sending and watching ------------------------------------------------------------------
-
-
-class Sender:
-    """One storescu run; `done_at` is when it exited (it had every acknowledgement)."""
-
-    def __init__(self, procs: Processes, port: int, aet: str, files: list[Path], log: Path):
-        env = dict(os.environ, TCP_NODELAY="1")
-        argv = [STORESCU, "-aec", aet, "127.0.0.1", str(port), *map(str, files)]
-        self.procs = procs
-        self.log = log
-        self.count = len(files)
-        self.done_at: float | None = None
-        self.started = time.monotonic()
-        self.proc = procs.start(argv, log, env=env)
-        self._waiter = threading.Thread(target=self._wait, daemon=True)
-        self._waiter.start()
-
-    def _wait(self) -> None:
-        self.proc.wait()
-        self.done_at = time.monotonic()
-
-    def check(self) -> None:
-        if self.done_at is not None and self.proc.returncode != 0:
-            raise BenchError(f"storescu exited with status {self.proc.returncode}:\n"
-                             f"{tail(self.log)}")  # fmt: skip
-
-    def wait(self, timeout: float) -> float:
-        """Seconds from start until storescu exited successfully."""
-        deadline = time.monotonic() + timeout
-        while self.done_at is None:
-            if time.monotonic() > deadline:
-                raise BenchError(f"storescu did not finish within {timeout:.0f} s")
-            time.sleep(POLL)
-        self.check()
-        self.procs.stop(self.proc)
-        return self.done_at - self.started
 
 
 @dataclass
@@ -666,15 +468,6 @@ def _label(per_association: int) -> str:
 # --- report --------------------------------------------------------------------------------
 
 
-def first_line(argv: list[str]) -> str:
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"unknown ({exc})"
-    lines = (done.stdout or done.stderr).strip().splitlines()
-    return lines[0] if lines else "unknown"
-
-
 def print_report(bench: Bench, elapsed: float, corpus_seconds: float) -> None:
     header = ("scenario", "images", "seconds", "images/s", "notes")
     body = [
@@ -736,11 +529,6 @@ def print_report(bench: Bench, elapsed: float, corpus_seconds: float) -> None:
 # --- main ----------------------------------------------------------------------------------
 
 
-def _terminate(signum, _frame) -> None:
-    print(f"\n{signal.Signals(signum).name}; stopping what was started", file=sys.stderr)
-    raise SystemExit(128 + signum)  # unwinds through the finally blocks
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=300, help="images per scenario (300)")
@@ -752,10 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         if not path.exists():
             print(f"missing {path}", file=sys.stderr)
             return 2
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
-    signal.signal(signal.SIGTERM, _terminate)
-    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # respect nohup
-        signal.signal(signal.SIGHUP, _terminate)
+    install_signal_handlers()
 
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="dicom-node-bench-"))
@@ -786,8 +571,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted; stopping what was started", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip cleanup
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        ignore_signals_for_cleanup()
         procs.stop_all()
         keep_logs = args.keep or not ok
         for child in work.iterdir():

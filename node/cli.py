@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import signal
 import sys
-import threading
 from pathlib import Path
 
 from node.config import Config, ConfigError, load_config
@@ -26,57 +23,12 @@ def _load_or_report(path: str | None) -> Config | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from node.pipeline import Pipeline
-    from node.receive import StorageSCP
-    from node.spool import Spool
+    from node.service import Service
 
     config = _load_or_report(args.config)
     if config is None:
         return 2
-    log = logging.getLogger("dicom_node")
-    spool = Spool(config.node.spool, config.node.spool_max_size, config.node.spool_min_free)
-    pipeline = Pipeline(config, spool)
-    scp = StorageSCP(config, spool, pipeline.submit)
-    try:
-        scp.start()
-    except OSError as exc:
-        log.error("cannot listen on %s:%d: %s", config.node.host, config.node.port, exc.strerror)
-        return 1
-    backlog = pipeline.start()
-    http = None
-    if config.http is not None:
-        from node.observe import REGISTRY, ObservabilityServer, QueueCollector, spool_write_problem
-
-        REGISTRY.register(QueueCollector(lambda: pipeline.queue.stats(list(config.destinations))))
-
-        def health() -> str | None:
-            if not scp.alive():
-                return "the DICOM listener is not running"
-            return pipeline.health_problem() or spool_write_problem(str(spool.tmp))
-
-        try:
-            http = ObservabilityServer(config.http.host, config.http.port, health)
-        except OSError as exc:
-            log.error("cannot serve http on %s:%d: %s", config.http.host, config.http.port,
-                      exc.strerror)  # fmt: skip
-            scp.stop()
-            pipeline.stop(timeout=0)
-            return 1
-        http.start()
-    log.info("config %s; %d rule(s); %d instance(s) resumed from the spool %s; %d worker(s)",
-             config.source, len(config.rules), backlog, spool.root, pipeline.workers)  # fmt: skip
-
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    log.info("stopping: no new associations; finishing work in flight")
-    scp.stop()
-    pipeline.stop()
-    if http is not None:
-        http.stop()
-    log.info("stopped; %d instance(s) left in the spool for the next start", len(spool.pending()))
-    return 0
+    return Service(config, args.config).run()
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -154,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("serve", help="run the Storage SCP until SIGTERM/SIGINT")
     p.add_argument("-c", "--config", help="config file (default: config/node.yaml, "
                    "else the embedded default)")  # fmt: skip
+    p.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="json: one object per line, for log shippers")  # fmt: skip
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("check-config", help="validate a config file and summarise it")
@@ -177,14 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "action", None) == "retry" and not args.destination:
         parser.error("queue retry needs a destination name")
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # The node logs each failure once, in its own words (with the retry delay); pynetdicom's
-    # own ERROR lines and tracebacks for every refused retry would bury them. -v shows them.
-    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if args.verbose else logging.CRITICAL)
+    from node.observe import configure_logging
+
+    configure_logging(args.verbose, getattr(args, "log_format", "text"))
     return args.func(args)
 
 

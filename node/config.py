@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ class NodeSettings:
     workers: int  # 0 = one per CPU core
     spool_max_size: int = 0  # bytes; 0 = no limit
     spool_min_free: int = 1 << 30  # bytes of free disk below which C-STOREs get 0xA700
+    log_patient_names: bool = False  # PatientName/PatientID in the per-instance log line
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,15 @@ class Config:
     source: str = "<embedded default>"
     warnings: tuple[str, ...] = field(default=())
     http: HttpSettings | None = None
+    text: str = field(default="", compare=False, repr=False)  # the YAML it was parsed from
+    base: Path | None = field(default=None, compare=False, repr=False)  # relative paths' base
+
+    @property
+    def key(self) -> str:
+        """Names this exact configuration: spool entries carry it, so each is processed under
+        the rules it was received with, also after a reload or a restart."""
+        digest = hashlib.sha256(f"{self.source}\0{self.base}\0{self.text}".encode())
+        return digest.hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -231,6 +242,17 @@ class _Checker:
             self.error(m.key_lines[key], f"{where}.{key}: {exc}")
             return default
 
+    def boolean(self, m: _LineDict, key: str, where: str, default: bool) -> bool:
+        if key not in m:
+            return default
+        value = m[key]
+        if isinstance(value, bool):
+            return value
+        self.error(
+            m.key_lines[key], f"{where}.{key}: expected true or false, got {_describe(value)}"
+        )
+        return default
+
     def ae_title(self, m: _LineDict, key: str, where: str, default: str) -> str:
         title = self.string(m, key, where, default)
         if key not in m:  # a default (e.g. the node's own AE title) is checked where it is written
@@ -254,7 +276,8 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
-_NODE_KEYS = {"ae_title", "host", "port", "spool", "workers", "spool_max_size", "spool_min_free"}
+_NODE_KEYS = {"ae_title", "host", "port", "spool", "workers", "spool_max_size", "spool_min_free",
+              "log_patient_names"}  # fmt: skip
 _FOLDER_KEYS = {"type", "path", "layout", "retry"}
 _DICOM_KEYS = {"type", "host", "port", "ae_title", "calling_ae_title", "timeout", "retry",
                "accept_syntaxes", "idle_timeout", "max_per_association"}  # fmt: skip
@@ -307,6 +330,7 @@ def _parse_node(c: _Checker, raw: _LineDict, base: Path) -> NodeSettings:
         workers=c.integer(raw, "workers", "node", 0, 0, 256),
         spool_max_size=c.converted(raw, "spool_max_size", "node", parse_size, 0),
         spool_min_free=c.converted(raw, "spool_min_free", "node", parse_size, 1 << 30),
+        log_patient_names=c.boolean(raw, "log_patient_names", "node", False),
     )
 
 
@@ -590,7 +614,9 @@ def parse_config(text: str, source: str, base: Path) -> Config:
             )
     if c.problems:
         raise ConfigError(sorted(c.problems, key=lambda p: p.line))
-    return Config(node, accept, destinations, tuple(rules), source, tuple(warnings), http)
+    return Config(
+        node, accept, destinations, tuple(rules), source, tuple(warnings), http, text, base
+    )
 
 
 def _empty() -> _LineDict:

@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -38,6 +40,12 @@ DELIVERY_FAILURES = Counter("dicom_node_delivery_failures", "Failed delivery att
                             ["destination", "kind"], registry=REGISTRY)  # fmt: skip
 QUARANTINED = Counter("dicom_node_instances_quarantined", "Instances no rule matched",
                       registry=REGISTRY)  # fmt: skip
+RELOADS = Counter("dicom_node_config_reloads", "Configuration reloads (SIGHUP or file change)",
+                  ["result"], registry=REGISTRY)  # fmt: skip
+RELOAD_OK = Gauge("dicom_node_config_last_reload_ok", "1 if the last reload was applied, "
+                  "0 if it was refused (the node runs the previous configuration)",
+                  registry=REGISTRY)  # fmt: skip
+RELOAD_OK.set(1)
 
 
 class QueueCollector:
@@ -120,3 +128,34 @@ def spool_write_problem(directory: str) -> str | None:
     except OSError as exc:
         return f"spool not writable: {exc.strerror or exc}"
     return None
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line for log shippers; the per-instance line carries its fields
+    (calling AE, SOP class, rule, syntaxes, sizes, ratio, ms, destinations) as keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            **getattr(record, "fields", {}),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(verbose: bool, log_format: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+    # The node logs each failure once, in its own words (with the retry delay); pynetdicom's
+    # own ERROR lines and tracebacks for every refused retry would bury them. pydicom's
+    # warnings quote element values, patient names among them. -v shows both.
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+    logging.getLogger("pydicom").setLevel(logging.DEBUG if verbose else logging.ERROR)

@@ -51,10 +51,13 @@ class Pipeline:
         self._enqueue = ThreadPoolExecutor(max_workers=2, thread_name_prefix="enqueue")
         self._thread = threading.Thread(target=self._dispatch, name="dispatch", daemon=True)
         self.queue = DeliveryQueue(spool.root / QUEUE_FILE)
+        self._configs: dict[str, Config] = {config.key: config}
         self.destinations = {
             name: DestinationWorker(dest, self.queue, spool, self._entry_finished)
             for name, dest in config.destinations.items()
         }
+        self._started = False
+        self._workers_lock = threading.RLock()
 
     def _new_executor(self) -> ProcessPoolExecutor:
         # spawn (not fork): the parent has pynetdicom threads; max_tasks_per_child needs it too.
@@ -77,7 +80,67 @@ class Pipeline:
         self._thread.start()
         for worker in self.destinations.values():
             worker.start()
+        self._started = True
         return len(backlog)
+
+    # --- configuration ---------------------------------------------------------------------
+
+    def config_for(self, entry: SpoolEntry) -> Config:
+        """The configuration `entry` was received under; the current one if it is unknown."""
+        key = entry.config_key
+        if key is None:
+            return self.config
+        with self._lock:
+            known = self._configs.get(key)
+        if known is None:
+            known = self.spool.saved_config(key)
+            if known is None:
+                log.warning("%s: the configuration it was received under (%s) is gone; "
+                            "using the current one", entry.id, key)  # fmt: skip
+                known = self.config
+            with self._lock:
+                self._configs[key] = known
+        return known
+
+    def apply(self, config: Config) -> list[str]:
+        """Use `config` for entries received from now on, and its destination settings.
+
+        Entries already spooled keep their own configuration (`config_for`). A destination
+        that is gone from `config` keeps delivering what was queued for it. Returns what
+        changed, for the log.
+        """
+        changes = []
+        with self._lock:
+            self.config = config
+            self._configs[config.key] = config
+        for name, dest in config.destinations.items():
+            worker = self.destinations.get(name)
+            if worker is not None and worker.dest == dest:
+                continue
+            changes.append(f"destination {name} {'changed' if worker else 'added'}")
+            self._replace_worker(name, dest)
+        for name in set(self.destinations) - set(config.destinations):
+            changes.append(f"destination {name} removed (it finishes what is queued for it)")
+        return changes
+
+    def _replace_worker(self, name: str, dest) -> DestinationWorker:
+        with self._workers_lock:
+            new = DestinationWorker(dest, self.queue, self.spool, self._entry_finished)
+            old = self.destinations.get(name)
+            if old is not None:
+                old.stop()  # waits for the delivery in progress
+            self.destinations = {**self.destinations, name: new}  # readers never see a gap
+            if self._started:
+                new.start()
+            return new
+
+    def _worker(self, name: str, config: Config) -> DestinationWorker:
+        """The worker for `name`, created from `config` (an entry's own) if the current
+        configuration no longer has it."""
+        worker = self.destinations.get(name)
+        return (
+            worker if worker is not None else self._replace_worker(name, config.destinations[name])
+        )
 
     def submit(self, entry: SpoolEntry) -> None:
         """Called by the receiver after the entry is durable."""
@@ -131,20 +194,21 @@ class Pipeline:
             as_received = self._crashes.get(entry.id, 0) >= CRASHES_BEFORE_AS_RECEIVED
             work = self.spool.work_path(entry, 0)
             try:
-                future = self._executor.submit(process_entry, entry, self.config, work, as_received)
+                config = self.config_for(entry)
+                future = self._executor.submit(process_entry, entry, config, work, as_received)
             except (BrokenProcessPool, RuntimeError):
                 self._slots.release()
                 self._restart_executor()
                 self._queue.put(entry)
                 continue
-            future.add_done_callback(lambda f, e=entry: self._processed(e, f))
+            future.add_done_callback(lambda f, e=entry, c=config: self._processed(e, f, c))
 
     def _restart_executor(self) -> None:
         with self._lock:
             old, self._executor = self._executor, self._new_executor()
         old.shutdown(wait=False, cancel_futures=True)
 
-    def _processed(self, entry: SpoolEntry, future: Future) -> None:
+    def _processed(self, entry: SpoolEntry, future: Future, config: Config) -> None:
         self._slots.release()
         try:
             outcome: ProcessOutcome = future.result()
@@ -160,9 +224,9 @@ class Pipeline:
             self._retry_later(entry)
             return
         if not self._stopping.is_set():
-            self._enqueue.submit(self._queue_deliveries, outcome)
+            self._enqueue.submit(self._queue_deliveries, outcome, config)
 
-    def _queue_deliveries(self, outcome: ProcessOutcome) -> None:
+    def _queue_deliveries(self, outcome: ProcessOutcome, config: Config) -> None:
         entry = outcome.entry
         try:
             if outcome.quarantine_reason is not None:
@@ -186,14 +250,14 @@ class Pipeline:
             ]
             adopted = str(output) if output != entry.path else None
             self.queue.add(entry.id, str(entry.path), adopted, deliveries)
-            log.info("%s", outcome.summary())
+            log.info("%s", outcome.summary(), extra={"fields": outcome.fields()})
             rule = outcome.rule or ""
             metrics.PROCESSED.labels(rule, outcome.outcome).inc()
             metrics.RULE_BYTES_IN.labels(rule).inc(outcome.bytes_in)
             metrics.BYTES_OUT.labels(rule).inc(outcome.bytes_out)
             metrics.CODEC_SECONDS.labels(rule).observe(outcome.milliseconds / 1000)
             for name in outcome.send_to:
-                self.destinations[name].wake()
+                self._worker(name, config).wake()
         except Exception:
             log.exception("could not queue %s; will retry", entry.id)
             self._retry_later(entry)

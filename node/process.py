@@ -46,6 +46,21 @@ class ProcessOutcome:
     calling_aet: str = ""
     milliseconds: float = 0.0
     quarantine_reason: str | None = None
+    patient: str = ""  # only when node.log_patient_names allows it
+
+    def fields(self) -> dict[str, object]:
+        """The per-instance log line as data (for --log-format json)."""
+        values: dict[str, object] = {
+            "event": "instance", "outcome": self.outcome, "calling_aet": self.calling_aet,
+            "sop_class": self.sop_class, "rule": self.rule, "syntax_in": self.syntax_in,
+            "syntax_out": self.syntax_out, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+            "ratio": round(self.bytes_in / self.bytes_out, 3) if self.bytes_out else None,
+            "ms": round(self.milliseconds, 1), "destinations": list(self.send_to),
+            "notes": list(self.notes),
+        }  # fmt: skip
+        if self.patient:
+            values["patient"] = self.patient
+        return values
 
     def summary(self) -> str:
         ratio = self.bytes_in / self.bytes_out if self.bytes_out else 0
@@ -55,6 +70,8 @@ class ProcessOutcome:
             f"{self.bytes_in}->{self.bytes_out} bytes ({ratio:.2f}:1) {self.milliseconds:.0f} ms "
             f"to={','.join(self.send_to)}"
         )
+        if self.patient:
+            text += f" patient={self.patient}"
         if self.notes:
             text += " | " + "; ".join(self.notes)
         return text
@@ -129,4 +146,9 @@ def process_entry(
         notes=notes,
         calling_aet=arrival.calling_aet,
         milliseconds=(time.perf_counter() - started) * 1000,
+        patient=(
+            f"{ds.get('PatientName', '')}/{ds.get('PatientID', '')}"
+            if config.node.log_patient_names
+            else ""
+        ),
     )

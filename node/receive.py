@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import logging
 import tempfile
+import time
 from collections.abc import Callable
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -98,11 +99,22 @@ class StorageSCP:
     def port(self) -> int:
         return self._server.server_address[1] if self._server else self.config.node.port
 
-    def stop(self) -> None:
-        """Stop accepting, let running associations finish their current exchange, close."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+    def stop(self, deadline: float = 30.0) -> None:
+        """Stop accepting; associations in progress get `deadline` seconds to finish (each
+        C-STORE they complete is spooled and acked as usual), then the rest are aborted."""
+        server, self._server = self._server, None
+        if server is not None:
+            # Only established associations can be carrying instances; a socket that never
+            # sent an A-ASSOCIATE-RQ (a port probe, a stalled client) is simply aborted.
+            running = [a for a in server.active_associations if a.is_established]
+            server.shutdown()  # closes the listening socket; running associations go on
+            end = time.monotonic() + deadline
+            for assoc in running:
+                assoc.join(max(0.0, end - time.monotonic()))
+            left = [a for a in running if a.is_alive()]
+            if left:
+                log.warning("aborting %d association(s) still open after %.0f s",
+                            len(left), deadline)  # fmt: skip
         self.ae.shutdown()
 
     # --- handlers: run on the association threads -----------------------------------------
@@ -137,7 +149,7 @@ class StorageSCP:
             received = Path(event.dataset_path)  # pynetdicom's file: its meta, then the dataset
             _, offset = split_dataset(received)
             size = received.stat().st_size - offset
-            entry = self.spool.store_file(meta, received, offset)
+            entry = self.spool.store_file(meta, received, offset, self.config.key)
         except OSError as exc:
             log.error(
                 "cannot spool an instance from %s: %s; answered 0xA700", requestor.ae_title, exc

@@ -2,9 +2,12 @@
 told Success, and that the node resumes from after any crash.
 
 Layout under the spool root:
-  incoming/<time>-<random>.dcm   acknowledged instances, as received (DICOM Part 10 files; the
+  incoming/<time>-<random>-<config>.dcm
+                                 acknowledged instances, as received (DICOM Part 10 files; the
                                  calling and called AE titles are in the file meta, (0002,0017)
-                                 Sending and (0002,0018) Receiving Application Entity Title)
+                                 Sending and (0002,0018) Receiving Application Entity Title);
+                                 <config> names the configuration it was received under
+  configs/<config>.json          those configurations (YAML text, source, base folder)
   work/<entry>.<n>.dcm           transcoder output being written (discarded on restart)
   out/<entry>.dcm                transcoded output, fsync'd, waiting in the delivery queue
   queue.sqlite3                  the delivery queue (node/queue.py)
@@ -16,6 +19,7 @@ Layout under the spool root:
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import secrets
 import shutil
@@ -28,6 +32,8 @@ from pathlib import Path
 from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
+
+from node.config import Config, ConfigError, parse_config
 
 SYNC_EVERY = 64 << 20  # bytes written between fdatasyncs of a large file
 
@@ -85,6 +91,12 @@ class SpoolEntry:
     def id(self) -> str:
         return self.path.stem
 
+    @property
+    def config_key(self) -> str | None:
+        """The configuration it was received under (None: before configs were pinned)."""
+        parts = self.path.stem.split("-")
+        return parts[2] if len(parts) == 3 else None
+
 
 class Spool:
     def __init__(self, root: Path, max_size: int = 0, min_free: int = 0):
@@ -95,7 +107,8 @@ class Spool:
         self.quarantine_dir = root / "quarantine"
         self.dead_letter_dir = root / "dead-letter"
         self.tmp = root / "tmp"
-        for d in (self.incoming, self.work, self.out, self.quarantine_dir, self.tmp):
+        self.configs = root / "configs"
+        for d in (self.incoming, self.work, self.out, self.quarantine_dir, self.tmp, self.configs):
             d.mkdir(parents=True, exist_ok=True)
         self.max_size = max_size
         self.min_free = min_free
@@ -128,24 +141,51 @@ class Spool:
             count += 1
         return count
 
-    def store(self, file_meta: FileMetaDataset, dataset_bytes: bytes) -> SpoolEntry:
+    def _new_entry_path(self, config_key: str) -> Path:
+        return self.incoming / f"{time.time_ns():020d}-{secrets.token_hex(6)}-{config_key}.dcm"
+
+    def store(
+        self, file_meta: FileMetaDataset, dataset_bytes: bytes, config_key: str = "0"
+    ) -> SpoolEntry:
         """Durably store one received instance; when this returns, Success may be sent."""
-        name = f"{time.time_ns():020d}-{secrets.token_hex(6)}.dcm"
-        path = self.incoming / name
+        path = self._new_entry_path(config_key)
         header = part10_header(file_meta)
         write_durably(path, (header, dataset_bytes), self.tmp)
         self._account(len(header) + len(dataset_bytes))
         return SpoolEntry(path)
 
-    def store_file(self, file_meta: FileMetaDataset, source: Path, offset: int) -> SpoolEntry:
+    def store_file(
+        self, file_meta: FileMetaDataset, source: Path, offset: int, config_key: str = "0"
+    ) -> SpoolEntry:
         """As `store`, for a dataset already on disk at `source` from `offset` on (pynetdicom's
         chunked receive): copied 1 MiB at a time, so a 1 GB instance never sits in memory."""
-        name = f"{time.time_ns():020d}-{secrets.token_hex(6)}.dcm"
-        path = self.incoming / name
+        path = self._new_entry_path(config_key)
         header = part10_header(file_meta)
         write_durably(path, itertools.chain([header], read_chunks(source, offset=offset)), self.tmp)
         self._account(path.stat().st_size)
         return SpoolEntry(path)
+
+    def save_config(self, config: Config) -> None:
+        """Keep the configuration entries are received under, for their processing later."""
+        path = self.configs / f"{config.key}.json"
+        if not path.exists():
+            record = {"source": config.source, "base": str(config.base), "text": config.text}
+            write_durably(path, [json.dumps(record).encode()], self.tmp)
+
+    def saved_config(self, key: str) -> Config | None:
+        """A configuration saved by `save_config`, parsed again; None if gone or now invalid."""
+        try:
+            record = json.loads((self.configs / f"{key}.json").read_text(encoding="utf-8"))
+            return parse_config(record["text"], record["source"], Path(record["base"]))
+        except (OSError, ValueError, KeyError, ConfigError):
+            return None
+
+    def forget_configs(self, keep: set[str]) -> None:
+        """Remove saved configurations no entry and no running listener refers to."""
+        used = keep | {e.config_key for e in self.pending()}
+        for path in self.configs.glob("*.json"):
+            if path.stem not in used:
+                path.unlink(missing_ok=True)
 
     def pending(self) -> list[SpoolEntry]:
         """Acknowledged instances not yet completed, oldest first."""

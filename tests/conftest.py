@@ -168,7 +168,13 @@ class RunningNode:
         return self.process.returncode
 
 
-def start_node(root: Path, config_text: str, port: int | None = None) -> RunningNode:
+def start_node(
+    root: Path,
+    config_text: str,
+    port: int | None = None,
+    args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> RunningNode:
     """Write `config_text` (with {port} filled in) to root/node.yaml and serve it."""
     port = port or free_port()
     root.mkdir(parents=True, exist_ok=True)
@@ -176,9 +182,9 @@ def start_node(root: Path, config_text: str, port: int | None = None) -> Running
     config.write_text(config_text.replace("{port}", str(port)))
     log = root / "node.log"
     process = subprocess.Popen(
-        [sys.executable, "-m", "node.cli", "serve", "-c", str(config)],
+        [sys.executable, "-m", "node.cli", "serve", "-c", str(config), *args],
         stdout=log.open("ab"), stderr=subprocess.STDOUT, cwd=root,
-        start_new_session=True,
+        start_new_session=True, env={**os.environ, **(env or {})},
     )  # fmt: skip
     node = RunningNode(process, port, root, config, log)
 
@@ -204,8 +210,14 @@ def start_node(root: Path, config_text: str, port: int | None = None) -> Running
 def node_factory(tmp_path: Path) -> Iterator[Callable[..., RunningNode]]:
     started: list[RunningNode] = []
 
-    def factory(config_text: str, name: str = "node", port: int | None = None) -> RunningNode:
-        node = start_node(tmp_path / name, config_text, port)
+    def factory(
+        config_text: str,
+        name: str = "node",
+        port: int | None = None,
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> RunningNode:
+        node = start_node(tmp_path / name, config_text, port, args, env)
         started.append(node)
         return node
 

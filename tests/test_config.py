@@ -503,7 +503,8 @@ def test_unknown_key_in_node_suggests_the_close_one():
         """
     ) == [
         "node.yaml:3: node: unknown key 'prot' (did you mean 'port'?); "
-        "allowed: ae_title, host, port, spool, spool_max_size, spool_min_free, workers"
+        "allowed: ae_title, host, log_patient_names, port, spool, spool_max_size, spool_min_free, "
+        "workers"
     ]
 
 
@@ -1424,7 +1425,8 @@ def test_load_config_reports_problems_with_the_files_path(tmp_path):
         load_config(path)
     assert [str(p) for p in info.value.problems] == [
         f"{path}:2: node: unknown key 'prot' (did you mean 'port'?); "
-        "allowed: ae_title, host, port, spool, spool_max_size, spool_min_free, workers",
+        "allowed: ae_title, host, log_patient_names, port, spool, spool_max_size, spool_min_free, "
+        "workers",
         f"{path}:3: rules: expected a non-empty list of rules",
     ]
 
@@ -1612,4 +1614,11 @@ def test_allow_lossy_is_parsed_and_unknown_kinds_are_reported():
     assert problems(rule_with_transcode("{syntax: JPEG2000, j2k_cr: [10], allow_lossy: [MG]}")) == [
         "node.yaml:6: rule 'r'.transcode.allow_lossy: unknown kind 'MG'; "
         "allowed: already-lossy, mammography, for-processing"
+    ]
+
+
+def test_log_patient_names_must_be_a_boolean():
+    assert problems("node: {log_patient_names: sometimes}\nrules: []\n") == [
+        "node.yaml:1: node.log_patient_names: expected true or false, got str 'sometimes'",
+        "node.yaml:2: rules: expected a non-empty list of rules",
     ]
