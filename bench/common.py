@@ -18,6 +18,7 @@ Imported as `common` (the scripts run as `python bench/NAME.py`, so bench/ is on
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import re
@@ -134,8 +135,11 @@ def first_line(argv: list[str]) -> str:
 
 
 def http_get(port: int, path: str, timeout: float = 5.0) -> bytes:
-    with _HTTP.open(f"http://127.0.0.1:{port}{path}", timeout=timeout) as response:
-        return response.read()
+    try:
+        with _HTTP.open(f"http://127.0.0.1:{port}{path}", timeout=timeout) as response:
+            return response.read()
+    except http.client.HTTPException as exc:  # e.g. the server died in mid-answer
+        raise ConnectionError(f"http://127.0.0.1:{port}{path}: {exc!r}") from exc
 
 
 class Orthanc:

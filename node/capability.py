@@ -31,6 +31,11 @@ ULTRASOUND_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.6", "1.2.840.10008.5.1.4.1.1.3",  # their retired forms
 }  # fmt: skip
 
+# Beyond these, Rows x Columns x Frames describe no real image: a hostile or broken header
+# must not make a worker allocate gigabytes (it passes through as received instead).
+MAX_FRAME_BYTES = 1 << 31
+MAX_DECODED_BYTES = 1 << 34
+
 # Encoder limits below what the standard allows (FIELD-NOTES 6).
 _MAX_BITS_STORED = {uid: 24 for uid in J2K_FAMILY - HTJ2K_FAMILY}
 
@@ -66,6 +71,7 @@ class PixelFacts:
     columns: int
     frames: int
     sop_class: str = ""
+    native_bytes: int | None = None  # length of native (not encapsulated) Pixel Data
 
     @property
     def frame_bytes(self) -> int:
@@ -122,7 +128,15 @@ def pixel_facts(ds: Dataset) -> PixelFacts:
         columns=number("Columns"),
         frames=number("NumberOfFrames", 1) or 1,
         sop_class=str(ds.get("SOPClassUID", "")),
+        native_bytes=_native_length(ds, keyword),
     )
+
+
+def _native_length(ds: Dataset, keyword: str | None) -> int | None:
+    if keyword is None or ds.file_meta.TransferSyntaxUID.is_encapsulated:
+        return None
+    elem = ds.get_item(keyword, keep_deferred=True)  # a deferred value stays on disk
+    return elem.length if elem.value is None else len(elem.value)
 
 
 def guarded_kinds(ds: Dataset, facts: PixelFacts) -> list[str]:
@@ -175,6 +189,23 @@ def refusal(facts: PixelFacts, target: Target) -> str | None:
         return f"the node cannot decode the received syntax {syntax_name(facts.syntax)}"
     if facts.bits_allocated == 1:
         return "Bits Allocated 1 (bit-packed pixels) cannot be re-encoded"
+    if facts.frame_bytes > MAX_FRAME_BYTES or facts.frame_bytes * facts.frames > MAX_DECODED_BYTES:
+        return (
+            f"{facts.rows} x {facts.columns} x {facts.frames} frames of {facts.samples} "
+            f"sample(s) at {facts.bits_allocated} bits is beyond what the node decodes"
+        )
+    if min(facts.rows, facts.columns, facts.samples, facts.bits_allocated) < 1:
+        return "Rows, Columns, Samples per Pixel and Bits Allocated must be positive"
+    if facts.native_bytes is not None:
+        expected = facts.rows * facts.columns * facts.samples * facts.frames
+        expected = expected * facts.bits_allocated // 8 if facts.bits_allocated >= 8 else 0
+        if facts.photometric == "YBR_FULL_422":  # two chroma samples per two pixels
+            expected = expected * 2 // 3
+        if facts.native_bytes < expected:  # more is trailing padding, seen in real files
+            return (
+                f"Pixel Data holds {facts.native_bytes} bytes; its Image Pixel attributes "
+                f"describe {expected}"
+            )
     if facts.photometric not in _DECODABLE_PHOTOMETRIC:
         return f"Photometric Interpretation {facts.photometric or '(missing)'} cannot be decoded"
     if facts.bits_stored > facts.bits_allocated or facts.bits_stored < 1:

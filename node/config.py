@@ -10,7 +10,8 @@ import difflib
 import hashlib
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,19 @@ DEFAULT_CONFIG_PATH = Path("config/node.yaml")
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    """DICOM TLS (PS3.15 BCP 195: TLS 1.2 or later). For the listener: `cert` and `key` are
+    the node's, `ca` verifies client certificates (required when `require_client_cert`). For
+    a destination: `ca` verifies the peer, `cert`/`key` are the node's client certificate."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+    require_client_cert: bool = False
+    server_name: str | None = None  # a destination's expected certificate name (default host)
+
+
+@dataclass(frozen=True)
 class NodeSettings:
     ae_title: str
     host: str
@@ -38,6 +52,7 @@ class NodeSettings:
     spool_max_size: int = 0  # bytes; 0 = no limit
     spool_min_free: int = 1 << 30  # bytes of free disk below which C-STOREs get 0xA700
     log_patient_names: bool = False  # PatientName/PatientID in the per-instance log line
+    tls: TlsSettings | None = None  # None: plain TCP
 
 
 @dataclass(frozen=True)
@@ -52,7 +67,24 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class AcceptPolicy:
+    """Who may open an association. Anything else gets A-ASSOCIATE-RJ with the reason."""
+
     calling_aets: tuple[str, ...]  # glob patterns
+    # glob patterns; not configured: the node's AE title and every CalledAET a rule matches
+    called_aets: tuple[str, ...] = ()
+    networks: tuple[IPv4Network | IPv6Network, ...] = (
+        ip_network("0.0.0.0/0"),
+        ip_network("::/0"),
+    )
+
+    def allows_address(self, address: str) -> bool:
+        try:
+            ip = ip_address(address.split("%")[0])
+        except ValueError:
+            return False
+        if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip.version == n.version and ip in n for n in self.networks)
 
 
 @dataclass(frozen=True)
@@ -75,6 +107,7 @@ class DicomDestination:
     accept_syntaxes: tuple[str, ...] | None = None  # UIDs the node may propose; None = any
     idle_timeout: float = 5.0  # seconds an association stays open without work
     max_per_association: int = 0  # instances before a new association; 0 = no limit
+    tls: TlsSettings | None = None
 
 
 Destination = FolderDestination | DicomDestination
@@ -88,6 +121,19 @@ class RoutingRule:
     transcode: TranscodeSpec
     send_to: tuple[str, ...]
     line: int = 0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one peer may cost the node (PS3.8 timers, PDU and instance sizes)."""
+
+    max_associations: int = 32  # established at once; more get A-ASSOCIATE-RJ (transient)
+    max_connections: int = 64  # open sockets, associated or not; more are closed at once
+    association_timeout: float = 30.0  # seconds to send A-ASSOCIATE-RQ (ARTIM) / to answer
+    dimse_timeout: float = 60.0  # seconds between the messages of one exchange
+    idle_timeout: float = 120.0  # seconds an association may stay silent
+    max_pdu_size: int = 1 << 20  # what a peer may put in one PDU
+    max_instance_size: int = 4 << 30  # larger instances are refused with 0xA700
 
 
 @dataclass(frozen=True)
@@ -107,6 +153,7 @@ class Config:
     source: str = "<embedded default>"
     warnings: tuple[str, ...] = field(default=())
     http: HttpSettings | None = None
+    limits: Limits = field(default_factory=Limits)
     text: str = field(default="", compare=False, repr=False)  # the YAML it was parsed from
     base: Path | None = field(default=None, compare=False, repr=False)  # relative paths' base
 
@@ -277,10 +324,10 @@ def _describe(value: Any) -> str:
 
 
 _NODE_KEYS = {"ae_title", "host", "port", "spool", "workers", "spool_max_size", "spool_min_free",
-              "log_patient_names"}  # fmt: skip
+              "log_patient_names", "tls"}  # fmt: skip
 _FOLDER_KEYS = {"type", "path", "layout", "retry"}
 _DICOM_KEYS = {"type", "host", "port", "ae_title", "calling_ae_title", "timeout", "retry",
-               "accept_syntaxes", "idle_timeout", "max_per_association"}  # fmt: skip
+               "accept_syntaxes", "idle_timeout", "max_per_association", "tls"}  # fmt: skip
 _RETRY_KEYS = {"initial_delay", "max_delay", "give_up_after", "max_failures"}
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -331,6 +378,7 @@ def _parse_node(c: _Checker, raw: _LineDict, base: Path) -> NodeSettings:
         spool_max_size=c.converted(raw, "spool_max_size", "node", parse_size, 0),
         spool_min_free=c.converted(raw, "spool_min_free", "node", parse_size, 1 << 30),
         log_patient_names=c.boolean(raw, "log_patient_names", "node", False),
+        tls=_parse_tls(c, raw, "node", base, server=True),
     )
 
 
@@ -376,20 +424,98 @@ def _parse_accept_syntaxes(c: _Checker, m: _LineDict, where: str) -> tuple[str, 
     return tuple(result)
 
 
+def _parse_tls(
+    c: _Checker, parent: _LineDict, where: str, base: Path, server: bool
+) -> TlsSettings | None:
+    if "tls" not in parent:
+        return None
+    where = f"{where}.tls"
+    m = c.mapping(parent["tls"], parent.key_lines["tls"], where)
+    if m is None:
+        return None
+    keys = {"cert", "key", "ca"} | ({"require_client_cert"} if server else {"server_name"})
+    c.keys(m, where, keys, {"cert", "key"} if server else set())
+
+    def path(key: str) -> Path | None:
+        if key not in m:
+            return None
+        found = (base / c.string(m, key, where)).resolve()
+        if not found.is_file():
+            c.error(m.key_lines[key], f"{where}.{key}: no such file: {found}")
+        return found
+
+    tls = TlsSettings(
+        cert=path("cert"),
+        key=path("key"),
+        ca=path("ca"),
+        require_client_cert=c.boolean(m, "require_client_cert", where, False),
+        server_name=c.string(m, "server_name", where) or None,
+    )
+    if tls.require_client_cert and tls.ca is None:
+        line = m.key_lines["require_client_cert"]
+        c.error(line, f"{where}.require_client_cert: needs 'ca' to verify client certificates")
+    if (tls.cert is None) != (tls.key is None):
+        c.error(m.line, f"{where}: 'cert' and 'key' go together")
+    return tls
+
+
+def _parse_limits(c: _Checker, raw: _LineDict) -> Limits:
+    d = Limits()
+    c.keys(raw, "limits", set(Limits.__dataclass_fields__), set())
+
+    def positive(key: str, convert, default):
+        value = c.converted(raw, key, "limits", convert, default)
+        if value <= 0:
+            c.error(raw.key_lines[key], f"limits.{key}: must be above 0")
+            return default
+        return value
+
+    return Limits(
+        max_associations=c.integer(raw, "max_associations", "limits", d.max_associations, 1, 1000),
+        max_connections=c.integer(raw, "max_connections", "limits", d.max_connections, 1, 5000),
+        association_timeout=positive("association_timeout", parse_duration,
+                                     d.association_timeout),
+        dimse_timeout=positive("dimse_timeout", parse_duration, d.dimse_timeout),
+        idle_timeout=positive("idle_timeout", parse_duration, d.idle_timeout),
+        max_pdu_size=positive("max_pdu_size", parse_size, d.max_pdu_size),
+        max_instance_size=positive("max_instance_size", parse_size, d.max_instance_size),
+    )  # fmt: skip
+
+
 def _parse_accept(c: _Checker, raw: _LineDict) -> AcceptPolicy:
-    c.keys(raw, "accept", {"calling_aets"}, set())
-    patterns: tuple[str, ...] = ("*",)
-    if "calling_aets" in raw:
-        value = raw["calling_aets"]
+    c.keys(raw, "accept", {"calling_aets", "called_aets", "networks"}, set())
+
+    def patterns(key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        if key not in raw:
+            return default
+        value = raw[key]
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            c.error(
-                raw.key_lines["calling_aets"], "accept.calling_aets: expected a list of patterns"
-            )
-        else:
-            patterns = tuple(value)
-    return AcceptPolicy(calling_aets=patterns)
+            c.error(raw.key_lines[key], f"accept.{key}: expected a list of patterns")
+            return default
+        return tuple(value)
+
+    networks = AcceptPolicy.networks
+    if "networks" in raw:
+        value = raw["networks"]
+        items = value if isinstance(value, list) else [value]
+        lines = getattr(value, "item_lines", [raw.key_lines["networks"]] * len(items))
+        parsed = []
+        for item, line in zip(items, lines, strict=True):
+            try:
+                parsed.append(ip_network(str(item), strict=False))
+            except ValueError:
+                c.error(line, f"accept.networks: {item!r} is not an address or network "
+                              "(e.g. 10.1.2.0/24, 192.168.1.5, fd00::/8)")  # fmt: skip
+        if not items:
+            c.error(raw.key_lines["networks"], "accept.networks: name at least one network")
+        networks = tuple(parsed)
+    return AcceptPolicy(
+        calling_aets=patterns("calling_aets", ("*",)),
+        called_aets=patterns("called_aets", ()),
+        networks=networks,
+    )
 
 
 def _parse_destination(
@@ -427,6 +553,7 @@ def _parse_destination(
             accept_syntaxes=_parse_accept_syntaxes(c, m, where),
             idle_timeout=c.converted(m, "idle_timeout", where, parse_duration, 5.0),
             max_per_association=c.integer(m, "max_per_association", where, 0, 0, 1_000_000),
+            tls=_parse_tls(c, m, where, base, server=False),
         )
     c.error(
         m.key_lines.get("type", m.line),
@@ -559,7 +686,9 @@ def parse_config(text: str, source: str, base: Path) -> Config:
         c.error(line, f"duplicate key '{key}' (the later one would silently win)")
     if not isinstance(raw, _LineDict):
         raise ConfigError([Problem(source, 1, "the file must be a mapping with node:, rules: ...")])
-    c.keys(raw, "top level", {"node", "accept", "destinations", "rules", "http"}, {"rules"})
+    c.keys(
+        raw, "top level", {"node", "accept", "limits", "destinations", "rules", "http"}, {"rules"}
+    )
     http = None
     if "http" in raw:
         http_raw = c.mapping(raw["http"], raw.key_lines["http"], "http")
@@ -574,6 +703,8 @@ def parse_config(text: str, source: str, base: Path) -> Config:
     node = _parse_node(c, node_raw if node_raw is not None else _empty(), base)
     accept_raw = c.mapping(raw.get("accept", _LineDict()), raw.key_lines.get("accept", 1), "accept")
     accept = _parse_accept(c, accept_raw if accept_raw is not None else _empty())
+    limits_raw = c.mapping(raw.get("limits", _LineDict()), raw.key_lines.get("limits", 1), "limits")
+    limits = _parse_limits(c, limits_raw if limits_raw is not None else _empty())
 
     destinations: dict[str, Destination] = {}
     dest_raw = raw.get("destinations") or _empty()
@@ -614,8 +745,11 @@ def parse_config(text: str, source: str, base: Path) -> Config:
             )
     if c.problems:
         raise ConfigError(sorted(c.problems, key=lambda p: p.line))
+    if not accept.called_aets:  # the node's title, and every one a rule routes on
+        routed = [p for r in rules for key, ps in r.match if key == "CalledAET" for p in ps]
+        accept = replace(accept, called_aets=tuple(dict.fromkeys([node.ae_title, *routed])))
     return Config(
-        node, accept, destinations, tuple(rules), source, tuple(warnings), http, text, base
+        node, accept, destinations, tuple(rules), source, tuple(warnings), http, limits, text, base
     )
 
 

@@ -146,7 +146,14 @@ class PeerSession:
                 ae.add_requested_context(sop_class, uncompressed)
                 count += 1
             proposed.add(sop_class)
-        assoc = ae.associate(self.dest.host, self.dest.port, ae_title=self.dest.ae_title)
+        tls_args = None
+        if self.dest.tls is not None:
+            from node.tls import client_context
+
+            tls_args = (client_context(self.dest.tls), self.dest.tls.server_name or self.dest.host)
+        assoc = ae.associate(
+            self.dest.host, self.dest.port, ae_title=self.dest.ae_title, tls_args=tls_args
+        )
         if not assoc.is_established:
             how = "rejected" if assoc.is_rejected else "failed"
             raise DeliveryError(

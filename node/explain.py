@@ -40,7 +40,9 @@ def config_summary(config: Config) -> str:
         f"{config.source}: OK",
         f"node: {n.ae_title} on {n.host}:{n.port}, spool {n.spool}, "
         f"workers {n.workers or 'one per core'}",
-        f"accept: calling AE titles {', '.join(config.accept.calling_aets)}",
+        f"accept: calling AE titles {', '.join(config.accept.calling_aets)}; "
+        f"called AE titles {', '.join(config.accept.called_aets)}; "
+        f"networks {', '.join(map(str, config.accept.networks))}",
         "destinations:",
         *(f"  {describe_destination(d)}" for d in config.destinations.values()),
         "rules (the first match wins):",

@@ -30,6 +30,16 @@ log = logging.getLogger("dicom_node.pipeline")
 RETRY_DELAY = 5.0  # seconds before an entry whose processing failed unexpectedly is retried
 TASKS_PER_WORKER = 200  # recycle workers: pylibjpeg-openjpeg leaks per encode (FIELD-NOTES 3)
 CRASHES_BEFORE_AS_RECEIVED = 2
+FAILURES_BEFORE_QUARANTINE = 3  # unexpected errors (not crashes) on one entry
+
+
+WORKER_NICENESS = 5
+
+
+def _lower_priority() -> None:
+    """Codec workers yield the CPU to the receiving process: when all cores are busy, a
+    sender's acknowledgements must not wait for codec work (which can wait in the spool)."""
+    os.nice(WORKER_NICENESS)
 
 
 def worker_count(configured: int) -> int:
@@ -46,6 +56,7 @@ class Pipeline:
         self._lock = threading.Lock()
         self._in_flight: set[str] = set()
         self._crashes: dict[str, int] = {}
+        self._failures: dict[str, int] = {}
         self._stopping = threading.Event()
         self._executor = self._new_executor()
         self._enqueue = ThreadPoolExecutor(max_workers=2, thread_name_prefix="enqueue")
@@ -65,6 +76,7 @@ class Pipeline:
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("spawn"),
             max_tasks_per_child=TASKS_PER_WORKER,
+            initializer=_lower_priority,
         )
 
     def start(self) -> int:
@@ -219,7 +231,13 @@ class Pipeline:
                 self._restart_executor()
                 self._queue.put(entry)
             return
-        except Exception:
+        except Exception as exc:
+            failures = self._failures[entry.id] = self._failures.get(entry.id, 0) + 1
+            if failures >= FAILURES_BEFORE_QUARANTINE:  # deterministic: retrying cannot help
+                self._failures.pop(entry.id, None)
+                self._enqueue.submit(self._quarantine, entry, f"processing failed {failures} "
+                                     f"times; last: {type(exc).__name__}: {exc}")  # fmt: skip
+                return
             log.exception("processing %s failed unexpectedly; will retry", entry.id)
             self._retry_later(entry)
             return
@@ -262,6 +280,14 @@ class Pipeline:
             log.exception("could not queue %s; will retry", entry.id)
             self._retry_later(entry)
             return
+        finally:
+            self._finish(entry)
+
+    def _quarantine(self, entry: SpoolEntry, reason: str) -> None:
+        try:
+            path = self.spool.quarantine(entry, reason)
+            metrics.QUARANTINED.inc()
+            log.error("quarantined %s: %s", path, reason)
         finally:
             self._finish(entry)
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
@@ -95,8 +94,9 @@ def process_entry(
         ds = dcmread(entry.path, defer_size=LARGE_PIXEL_DATA)
         if ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian:
             ds = dcmread(entry.path)  # deferred values cannot be re-read from a deflated file
-    except (InvalidDicomError, AttributeError, EOFError, OSError, ValueError, KeyError) as exc:
-        return ProcessOutcome(entry, None, None, quarantine_reason=f"unreadable dataset: {exc}")
+    except Exception as exc:  # any way a file can fail to parse (struct.error, ...): kept aside
+        reason = f"unreadable dataset: {type(exc).__name__}: {exc}"
+        return ProcessOutcome(entry, None, None, quarantine_reason=reason)
     arrival = read_arrival(ds)
     try:
         rule = select_rule(config.rules, ds, arrival)

@@ -23,13 +23,13 @@ from node.config import Config
 from node.deliver import set_nodelay
 from node.spool import Spool, SpoolEntry
 from node.syntaxes import receivable_syntaxes
+from node.tls import server_context
 
 log = logging.getLogger("dicom_node.receive")
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
-MAX_PDU = 1 << 20  # what senders may put in one PDU: bounded memory, ~10-15% faster than 16 KiB
 
 
 def storage_sop_classes() -> list[str]:
@@ -62,6 +62,16 @@ def _stream_received_datasets_to(folder: Path) -> None:
     )
 
 
+def _reject(assoc, result: int, source: int, reason: int) -> None:
+    """A-ASSOCIATE-RJ from an EVT_REQUESTED handler. pynetdicom queues the PDU for its DUL
+    thread and closes the socket as soon as the handler returns; wait (briefly) until the PDU
+    has left (the state machine leaves Sta3), so the peer reads the reason, not a reset."""
+    assoc.acse.send_reject(result, source, reason)
+    deadline = time.monotonic() + 2.0
+    while assoc.dul.state_machine.current_state == "Sta3" and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
 class StorageSCP:
     def __init__(self, config: Config, spool: Spool, on_stored: Callable[[SpoolEntry], None]):
         self.config = config
@@ -70,8 +80,15 @@ class StorageSCP:
         self._server = None
         _register_unknown_storage_classes()
         ae = AE(ae_title=config.node.ae_title)
-        ae.maximum_associations = 32
-        ae.maximum_pdu_size = MAX_PDU
+        limits = config.limits
+        # pynetdicom counts every open socket against maximum_associations, also one that never
+        # sends a request; the node counts established associations itself (_on_requested), so
+        # silent sockets cannot lock real senders out. They time out after association_timeout.
+        ae.maximum_associations = limits.max_connections
+        ae.maximum_pdu_size = limits.max_pdu_size
+        ae.acse_timeout = limits.association_timeout
+        ae.dimse_timeout = limits.dimse_timeout
+        ae.network_timeout = limits.idle_timeout
         _stream_received_datasets_to(spool.tmp)
         syntaxes = list(receivable_syntaxes())
         for uid in storage_sop_classes():
@@ -87,10 +104,13 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
         ]
+        context = server_context(node.tls) if node.tls is not None else None
         self._server = self.ae.start_server(
-            (node.host, node.port), block=False, evt_handlers=handlers
+            (node.host, node.port), block=False, evt_handlers=handlers, ssl_context=context
         )
-        log.info("listening as %s on %s:%d", node.ae_title, node.host, self.port)
+        log.info("listening as %s on %s:%d%s", node.ae_title, node.host, self.port,
+                 " (TLS" + (", client certificates required)" if node.tls.require_client_cert
+                            else ")") if node.tls else "")  # fmt: skip
 
     def alive(self) -> bool:
         return self._server is not None
@@ -120,18 +140,45 @@ class StorageSCP:
     # --- handlers: run on the association threads -----------------------------------------
 
     def _on_connection(self, event) -> None:
+        open_sockets = sum(1 for a in self.ae.active_associations if a.is_acceptor)
+        limit = self.config.limits.max_connections
+        if open_sockets > limit:
+            log.warning("closed a connection from %s: %d open, limits.max_connections is %d",
+                        event.address[0], open_sockets, limit)  # fmt: skip
+            metrics.REJECTED_ASSOCIATIONS.labels("max-connections").inc()
+            event.assoc.dul.socket.close()  # no A-ABORT yet: nothing was negotiated (Sta2)
+            return
         set_nodelay(event.assoc)
 
     def _on_requested(self, event) -> None:
-        calling = event.assoc.requestor.primitive.calling_ae_title.strip()
-        patterns = self.config.accept.calling_aets
-        if not any(fnmatchcase(calling, p) for p in patterns):
-            address = event.assoc.requestor.address
-            log.warning("rejected association from %s (%s): calling AE title not allowed",
-                        calling, address)  # fmt: skip
-            # A-ASSOCIATE-RJ: rejected-permanent, service-user, calling-AE-title-not-recognized
-            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
-            metrics.REJECTED_ASSOCIATIONS.labels("calling-aet").inc()
+        """Access control, before anything is accepted: network, calling and called AE title.
+        A refusal is an A-ASSOCIATE-RJ (rejected-permanent, by the service user) with the
+        reason PS3.8 Table 9-21 defines, a warning in the log and a metric."""
+        accept = self.config.accept
+        primitive = event.assoc.requestor.primitive
+        calling = primitive.calling_ae_title.strip()
+        called = primitive.called_ae_title.strip()
+        address = event.assoc.requestor.address
+        if not accept.allows_address(address):
+            refusal = ("network", 0x01, f"address {address} is outside accept.networks")
+        elif not any(fnmatchcase(calling, p) for p in accept.calling_aets):
+            refusal = ("calling-aet", 0x03, "calling AE title not allowed")
+        elif not any(fnmatchcase(called, p) for p in accept.called_aets):
+            refusal = ("called-aet", 0x07, f"called AE title {called!r} is not this node's")
+        else:
+            busy = sum(1 for a in self.ae.active_associations if a.is_acceptor and a.is_established)
+            if busy < self.config.limits.max_associations:
+                return
+            log.warning("rejected association from %s (%s): %d associations running, "
+                        "limits.max_associations", calling, address, busy)  # fmt: skip
+            # rejected-transient, by the service provider (presentation), local limit exceeded
+            _reject(event.assoc, 0x02, 0x03, 0x02)
+            metrics.REJECTED_ASSOCIATIONS.labels("max-associations").inc()
+            return
+        kind, reason, why = refusal
+        log.warning("rejected association from %s (%s) to %s: %s", calling, address, called, why)
+        _reject(event.assoc, 0x01, 0x01, reason)
+        metrics.REJECTED_ASSOCIATIONS.labels(kind).inc()
 
     def _on_store(self, event) -> int:
         requestor = event.assoc.requestor
@@ -149,6 +196,11 @@ class StorageSCP:
             received = Path(event.dataset_path)  # pynetdicom's file: its meta, then the dataset
             _, offset = split_dataset(received)
             size = received.stat().st_size - offset
+            if size > self.config.limits.max_instance_size:
+                log.error("refused an instance from %s with 0xA700: %d bytes, above "
+                          "limits.max_instance_size", requestor.ae_title, size)  # fmt: skip
+                metrics.REFUSED.labels("0xA700").inc()
+                return STATUS_OUT_OF_RESOURCES
             entry = self.spool.store_file(meta, received, offset, self.config.key)
         except OSError as exc:
             log.error(

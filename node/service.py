@@ -209,7 +209,13 @@ class Service:
         """A new AE title, host or port: a new listener, after the running associations end.
         Any other change (accepted calling AE titles, ...) takes effect at the next request."""
         before, after = old.node, new.node
-        if (before.ae_title, before.host, before.port) == (after.ae_title, after.host, after.port):
+        same = (before.ae_title, before.host, before.port, old.limits) == (
+            after.ae_title,
+            after.host,
+            after.port,
+            new.limits,
+        )
+        if same:
             self.scp.config = new
             return True
         log.info("restarting the DICOM listener: %s on %s:%d -> %s on %s:%d",

@@ -106,7 +106,10 @@ def transcode(
         except Refused as exc:
             notes.append(f"{target.describe()}: {exc}")
             continue
-        except Exception as exc:  # a codec failing on hostile or damaged data is a refusal too
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - a codec failing on hostile or damaged
+            # data is a refusal too; Rust codecs (pylibjpeg-rle) panic with a BaseException
             notes.append(f"{target.describe()}: {type(exc).__name__}: {exc}")
             continue
         if capability.needs_mct(facts, target) and target.mct is None:

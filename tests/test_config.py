@@ -125,7 +125,7 @@ def test_contract_example_parses_into_typed_objects(tmp_path):
     assert config.node == NodeSettings(
         ae_title="DICOM-NODE", host="0.0.0.0", port=11112, spool=tmp_path / "spool", workers=0
     )
-    assert config.accept == AcceptPolicy(calling_aets=("*",))
+    assert config.accept == AcceptPolicy(calling_aets=("*",), called_aets=("DICOM-NODE",))
     assert list(config.destinations) == ["archive", "pacs"]
     assert config.destinations["archive"] == FolderDestination(
         name="archive",
@@ -469,7 +469,7 @@ def test_unknown_top_level_key_suggests_the_close_one():
     ) == [
         "node.yaml:1: top level: missing required key 'rules'",
         "node.yaml:3: top level: unknown key 'rule' (did you mean 'rules'?); "
-        "allowed: accept, destinations, http, node, rules",
+        "allowed: accept, destinations, http, limits, node, rules",
     ]
 
 
@@ -485,7 +485,7 @@ def test_unknown_key_without_a_close_match_gives_no_hint():
         """
     ) == [
         "node.yaml:1: top level: unknown key 'logging'; "
-        "allowed: accept, destinations, http, node, rules"
+        "allowed: accept, destinations, http, limits, node, rules"
     ]
 
 
@@ -504,7 +504,7 @@ def test_unknown_key_in_node_suggests_the_close_one():
     ) == [
         "node.yaml:3: node: unknown key 'prot' (did you mean 'port'?); "
         "allowed: ae_title, host, log_patient_names, port, spool, spool_max_size, spool_min_free, "
-        "workers"
+        "tls, workers"
     ]
 
 
@@ -521,7 +521,7 @@ def test_unknown_key_in_accept_is_reported():
         """
     ) == [
         "node.yaml:2: accept: unknown key 'calling_aet' (did you mean 'calling_aets'?); "
-        "allowed: calling_aets"
+        "allowed: called_aets, calling_aets, networks"
     ]
 
 
@@ -561,7 +561,7 @@ def test_unknown_key_in_a_dicom_destination_suggests_the_close_one():
         "node.yaml:7: destinations.pacs: unknown key 'calling_aet' "
         "(did you mean 'calling_ae_title'?); "
         "allowed: accept_syntaxes, ae_title, calling_ae_title, host, idle_timeout, "
-        "max_per_association, port, retry, timeout, type"
+        "max_per_association, port, retry, timeout, tls, type"
     ]
 
 
@@ -1262,7 +1262,7 @@ def test_a_single_calling_aet_pattern_is_a_one_item_list():
             send_to: [archive]
         """
     )
-    assert config.accept == AcceptPolicy(calling_aets=("CT*",))
+    assert config.accept == AcceptPolicy(calling_aets=("CT*",), called_aets=("DICOM-NODE",))
 
 
 # --- match ---------------------------------------------------------------------------------------
@@ -1383,7 +1383,7 @@ SEVERAL_PROBLEMS_EXPECTED = [
     "8: destinations.archive.layout: '{Bogus}' is not a DICOM keyword",
     "14: destinations.pacs: unknown key 'colour'; "
     "allowed: accept_syntaxes, ae_title, calling_ae_title, host, idle_timeout, "
-    "max_per_association, port, retry, timeout, type",
+    "max_per_association, port, retry, timeout, tls, type",
     "17: rule 'ct'.match: 'Modalty' is not a DICOM keyword (nor CallingAET / CalledAET)",
     "18: rule 'ct'.transcode: JPEG2000 needs exactly one of j2k_cr or j2k_psnr",
     "19: rule 'ct'.send_to: undefined destination 'nowhere' (known: archive, pacs)",
@@ -1426,7 +1426,7 @@ def test_load_config_reports_problems_with_the_files_path(tmp_path):
     assert [str(p) for p in info.value.problems] == [
         f"{path}:2: node: unknown key 'prot' (did you mean 'port'?); "
         "allowed: ae_title, host, log_patient_names, port, spool, spool_max_size, spool_min_free, "
-        "workers",
+        "tls, workers",
         f"{path}:3: rules: expected a non-empty list of rules",
     ]
 
@@ -1528,7 +1528,7 @@ def test_check_config_summary_describes_the_contract_example(tmp_path, capsys):
     assert out.splitlines() == [
         f"{path}: OK",
         f"node: DICOM-NODE on 0.0.0.0:11112, spool {tmp_path / 'spool'}, workers one per core",
-        "accept: calling AE titles *",
+        "accept: calling AE titles *; called AE titles DICOM-NODE; networks 0.0.0.0/0, ::/0",
         "destinations:",
         f"  archive: folder {tmp_path / 'archive'} layout {DEFAULT_LAYOUT}",
         "  pacs: DICOM PACS@127.0.0.1:4242 (as DICOM-NODE)",
@@ -1621,4 +1621,65 @@ def test_log_patient_names_must_be_a_boolean():
     assert problems("node: {log_patient_names: sometimes}\nrules: []\n") == [
         "node.yaml:1: node.log_patient_names: expected true or false, got str 'sometimes'",
         "node.yaml:2: rules: expected a non-empty list of rules",
+    ]
+
+
+def test_accept_networks_and_called_aets_parse_and_report_bad_entries_by_line():
+    config = parse(
+        "node: {ae_title: ARCHIVE}\n"
+        "accept:\n"
+        "  networks: [10.1.2.0/24, 192.168.1.5, 'fd00::/8']\n"
+        "destinations: {a: {type: folder, path: ./a}}\n"
+        "rules:\n"
+        "  - {name: r, match: {CalledAET: [ROUTE*]}, send_to: [a]}\n"
+    )
+    assert config.accept.called_aets == ("ARCHIVE", "ROUTE*")  # its own, and what rules route on
+    assert config.accept.allows_address("10.1.2.77")
+    assert config.accept.allows_address("::ffff:192.168.1.5")  # IPv4 through a dual-stack socket
+    assert not config.accept.allows_address("10.1.3.1")
+    assert not config.accept.allows_address("not an address")
+    assert problems(
+        "accept:\n  networks:\n    - 10.0.0.0/8\n    - 10.0.0.300/32\n"
+        "  called_aets: 5\nrules: []\n"
+    ) == [
+        "node.yaml:4: accept.networks: '10.0.0.300/32' is not an address or network "
+        "(e.g. 10.1.2.0/24, 192.168.1.5, fd00::/8)",
+        "node.yaml:5: accept.called_aets: expected a list of patterns",
+        "node.yaml:6: rules: expected a non-empty list of rules",
+    ]
+
+
+def test_limits_parse_and_their_problems_have_lines():
+    config = parse(
+        "limits: {max_associations: 4, association_timeout: 5s, max_pdu_size: 64KiB,"
+        " max_instance_size: 2GB}\n"
+        "destinations: {a: {type: folder, path: ./a}}\nrules: [{name: r, send_to: [a]}]\n"
+    )
+    limits = config.limits
+    assert (limits.max_associations, limits.association_timeout, limits.max_pdu_size) == (
+        4, 5.0, 65536
+    )  # fmt: skip
+    assert limits.max_instance_size == 2 * 10**9 and limits.dimse_timeout == 60.0
+    assert problems(
+        "limits:\n  max_associations: 0\n  idle_timeout: 0\n  max_pdu: 1\nrules: []\n"
+    ) == [
+        "node.yaml:2: limits.max_associations: expected a whole number from 1 to 1000, got int 0",
+        "node.yaml:3: limits.idle_timeout: must be above 0",
+        "node.yaml:4: limits: unknown key 'max_pdu' (did you mean 'max_pdu_size'?); allowed: "
+        "association_timeout, dimse_timeout, idle_timeout, max_associations, max_connections, "
+        "max_instance_size, max_pdu_size",
+        "node.yaml:5: rules: expected a non-empty list of rules",
+    ]
+
+
+def test_tls_settings_are_checked_with_lines():
+    assert problems(
+        "node:\n  tls:\n    cert: /nonexistent/server.pem\n    require_client_cert: true\n"
+        "rules: []\n"
+    ) == [
+        "node.yaml:3: node.tls: missing required key 'key'",
+        "node.yaml:3: node.tls.cert: no such file: /nonexistent/server.pem",
+        "node.yaml:3: node.tls: 'cert' and 'key' go together",
+        "node.yaml:4: node.tls.require_client_cert: needs 'ca' to verify client certificates",
+        "node.yaml:5: rules: expected a non-empty list of rules",
     ]
