@@ -225,8 +225,7 @@ def test_hostile_files_and_fuzzed_pdus_leave_the_node_answering_and_nothing_lost
         _config.STORE_SEND_CHUNKED_DATASET = False
 
     # Fuzzed bytes where an A-ASSOCIATE-RQ or a P-DATA PDU should be.
-    fuzz_pdus(port)
-    assert echo(port), "no C-ECHO after the PDU fuzz"
+    fuzz_pdus(port)  # a C-ECHO after each
 
     incoming = node.spool / "incoming"
     wait_for(lambda: not list(incoming.glob("*.dcm")), 120, "every acked instance processed")
@@ -256,6 +255,7 @@ def _fuzz_one_pdu(port: int, payload: bytes) -> None:
             sock.recv(64)
         except OSError:
             pass
+    assert echo(port), f"no C-ECHO after the PDU {payload[:32]!r}..."
 
 
 def fuzz_pdus(port: int) -> None:
