@@ -27,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -322,3 +323,17 @@ def ignore_signals_for_cleanup() -> None:
     """A second Ctrl-C (or SIGTERM) must not skip the cleanup that is under way."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def start_workspace(prefix: str) -> tuple[Path, Path] | None:
+    """Check the programs a benchmark runs, install the signal handlers, and make its
+    temporary folder with a logs/ folder inside; None (reported) when a program is missing."""
+    for path in (NODE, Path(ORTHANC), Path(STORESCU)):
+        if not path.exists():
+            print(f"missing {path}", file=sys.stderr)
+            return None
+    install_signal_handlers()
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    logs = work / "logs"
+    logs.mkdir()
+    return work, logs

@@ -47,7 +47,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,7 +70,7 @@ from common import (
     first_line,
     http_get,
     ignore_signals_for_cleanup,
-    install_signal_handlers,
+    start_workspace,
 )
 from common import Node as BaseNode
 from pydicom.uid import generate_uid
@@ -536,16 +535,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.count < 1:
         parser.error("--count must be at least 1")
-    for path in (NODE, Path(ORTHANC), Path(STORESCU)):
-        if not path.exists():
-            print(f"missing {path}", file=sys.stderr)
-            return 2
-    install_signal_handlers()
-
+    workspace = start_workspace("dicom-node-bench-")
+    if workspace is None:
+        return 2
+    work, logs = workspace
     started = time.monotonic()
-    work = Path(tempfile.mkdtemp(prefix="dicom-node-bench-"))
-    logs = work / "logs"
-    logs.mkdir()
     procs = Processes()
     ok = False
     try:

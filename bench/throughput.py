@@ -118,7 +118,6 @@ import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -147,7 +146,7 @@ from common import (
     first_line,
     http_get,
     ignore_signals_for_cleanup,
-    install_signal_handlers,
+    start_workspace,
     tail,
 )
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -1525,16 +1524,11 @@ def main(argv: list[str] | None = None) -> int:
     if ensure.returncode != 0:
         print("bin/apt-ensure orthanc orthanc-gdcm dcmtk failed", file=sys.stderr)
         return 2
-    for path in (NODE, Path(ORTHANC), Path(STORESCU)):
-        if not path.exists():
-            print(f"missing {path}", file=sys.stderr)
-            return 2
-    install_signal_handlers()
-
+    workspace = start_workspace("dicom-node-throughput-")
+    if workspace is None:
+        return 2
+    work, logs = workspace
     started = time.monotonic()
-    work = Path(tempfile.mkdtemp(prefix="dicom-node-throughput-"))
-    logs = work / "logs"
-    logs.mkdir()
     procs = Processes()
     ok = False
     try:
