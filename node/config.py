@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import hashlib
 import os
 from collections.abc import Mapping
@@ -157,7 +158,7 @@ class Config:
     text: str = field(default="", compare=False, repr=False)  # the YAML it was parsed from
     base: Path | None = field(default=None, compare=False, repr=False)  # relative paths' base
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         """Names this exact configuration: spool entries carry it, so each is processed under
         the rules it was received with, also after a reload or a restart."""

@@ -155,12 +155,12 @@ class Spool:
         return SpoolEntry(path)
 
     def store_file(
-        self, file_meta: FileMetaDataset, source: Path, offset: int, config_key: str = "0"
+        self, header: bytes, source: Path, offset: int, config_key: str = "0"
     ) -> SpoolEntry:
-        """As `store`, for a dataset already on disk at `source` from `offset` on (pynetdicom's
-        chunked receive): copied 1 MiB at a time, so a 1 GB instance never sits in memory."""
+        """As `store`, with the Part 10 header given as bytes and the dataset already on disk
+        at `source` from `offset` on (pynetdicom's chunked receive): copied 1 MiB at a time,
+        so a 1 GB instance never sits in memory."""
         path = self._new_entry_path(config_key)
-        header = part10_header(file_meta)
         write_durably(path, itertools.chain([header], read_chunks(source, offset=offset)), self.tmp)
         self._account(path.stat().st_size)
         return SpoolEntry(path)
