@@ -46,7 +46,7 @@ def running(node_factory):
     http = free_port()
     port = free_port()
     node = node_factory(config(port, http), port=port)
-    wait_for(lambda: get(http, "/healthz")[0] == 200, 30, "/healthz")
+    wait_for(lambda: node.assert_alive() or get(http, "/healthz")[0] == 200, 30, "/healthz")
     return node, http
 
 

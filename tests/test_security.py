@@ -35,7 +35,7 @@ def node_with(node_factory, accept: str):
         " {name: rest, send_to: [archive]}]\n",
         port=port,
     )
-    wait_for(lambda: get(http, "/healthz")[0] == 200, 30, "/healthz")
+    wait_for(lambda: node.assert_alive() or get(http, "/healthz")[0] == 200, 30, "/healthz")
     return node, http
 
 
