@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from node.config import DicomDestination, FolderDestination
-from node.spool import read_chunks, write_durably
+from node.spool import write_durably
 from node.syntaxes import syntax_name
 
 log = logging.getLogger("dicom_node.deliver")
@@ -88,7 +88,7 @@ def deliver_to_folder(dest: FolderDestination, relative: PurePosixPath, source: 
         raise DeliveryError(f"path {relative} leaves {root}; refused", retryable=False)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        write_durably(target, read_chunks(source), target.parent)
+        write_durably(target, target.parent, source=source)
     except OSError as exc:
         raise DeliveryError(f"cannot write {target}: {exc.strerror or exc}") from None
     return target

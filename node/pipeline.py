@@ -235,8 +235,9 @@ class Pipeline:
             failures = self._failures[entry.id] = self._failures.get(entry.id, 0) + 1
             if failures >= FAILURES_BEFORE_QUARANTINE:  # deterministic: retrying cannot help
                 self._failures.pop(entry.id, None)
-                self._enqueue.submit(self._quarantine, entry, f"processing failed {failures} "
-                                     f"times; last: {type(exc).__name__}: {exc}")  # fmt: skip
+                reason = f"processing failed {failures} times; last: {type(exc).__name__}: {exc}"
+                outcome = ProcessOutcome(entry, None, None, quarantine_reason=reason)
+                self._enqueue.submit(self._queue_deliveries, outcome, config)
                 return
             log.exception("processing %s failed unexpectedly; will retry", entry.id)
             self._retry_later(entry)
@@ -280,14 +281,6 @@ class Pipeline:
             log.exception("could not queue %s; will retry", entry.id)
             self._retry_later(entry)
             return
-        finally:
-            self._finish(entry)
-
-    def _quarantine(self, entry: SpoolEntry, reason: str) -> None:
-        try:
-            path = self.spool.quarantine(entry, reason)
-            metrics.QUARANTINED.inc()
-            log.error("quarantined %s: %s", path, reason)
         finally:
             self._finish(entry)
 

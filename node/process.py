@@ -119,13 +119,19 @@ def process_entry(
     )
     notes = result.notes + (("worker crashed on this instance before; sent as received",)
                             if as_received else ())  # fmt: skip
+    out_ds, output = ds, entry.path
     if result.dataset is not None:
-        out_ds, output = result.dataset, work_path
         tmp = work_path.with_suffix(".part")
-        dcmwrite(tmp, out_ds, enforce_file_format=True)
-        os.replace(tmp, work_path)  # not fsync'd: after a crash the entry is processed again
-    else:
-        out_ds, output = ds, entry.path
+        try:
+            dcmwrite(tmp, result.dataset, enforce_file_format=True)
+        except Exception as exc:  # e.g. hostile elements pydicom refuses to write: as received
+            tmp.unlink(missing_ok=True)
+            notes += (f"the output could not be written ({type(exc).__name__}: {exc}); "
+                      "sent as received",)  # fmt: skip
+            result = TranscodeResult(None, "passed-through", None)
+        else:
+            os.replace(tmp, work_path)  # not fsync'd: after a crash the entry is processed again
+            out_ds, output = result.dataset, work_path
     folder_paths = {
         name: str(layout_path(dest.layout, out_ds))
         for name in rule.send_to

@@ -200,7 +200,8 @@ class StorageSCP:
         """Access control, before anything is accepted: network, calling and called AE title.
         A refusal is an A-ASSOCIATE-RJ (rejected-permanent, by the service user) with the
         reason PS3.8 Table 9-21 defines, a warning in the log and a metric."""
-        accept = self.config.accept
+        config = self.config
+        accept = config.accept
         primitive = event.assoc.requestor.primitive
         calling = primitive.calling_ae_title.strip()
         called = primitive.called_ae_title.strip()
@@ -213,7 +214,7 @@ class StorageSCP:
             refusal = ("called-aet", 0x07, f"called AE title {called!r} is not this node's")
         else:
             busy = sum(1 for a in self.ae.active_associations if a.is_acceptor and a.is_established)
-            if busy < self.config.limits.max_associations:
+            if busy < config.limits.max_associations:
                 return
             log.warning("rejected association from %s (%s): %d associations running, "
                         "limits.max_associations", calling, address, busy)  # fmt: skip
@@ -227,36 +228,34 @@ class StorageSCP:
         metrics.REJECTED_ASSOCIATIONS.labels(kind).inc()
 
     def _on_store(self, event) -> int:
-        requestor = event.assoc.requestor
+        config = self.config  # one configuration for the whole request, whatever reloads do
+        calling = event.assoc.requestor.ae_title.strip()
         problem = self.spool.room_problem()
         if problem:  # the sender may retry later; never Success without storage
-            log.error("refused an instance from %s with 0xA700: %s", requestor.ae_title, problem)
-            metrics.REFUSED.labels("0xA700").inc()
-            return STATUS_OUT_OF_RESOURCES
-        calling = requestor.ae_title.strip()
+            return _refused(calling, problem)
         try:
             received = Path(event.dataset_path)  # pynetdicom's file: its meta, then the dataset
             # The title the sender called (rules may route on it), not necessarily ours.
-            called = requestor.primitive.called_ae_title.strip()
-            header, offset = spool_header(received, self.config.node.ae_title, calling, called)
+            called = event.assoc.requestor.primitive.called_ae_title.strip()
+            header, offset = spool_header(received, config.node.ae_title, calling, called)
             size = received.stat().st_size - offset
-            if size > self.config.limits.max_instance_size:
-                log.error("refused an instance from %s with 0xA700: %d bytes, above "
-                          "limits.max_instance_size", requestor.ae_title, size)  # fmt: skip
-                metrics.REFUSED.labels("0xA700").inc()
-                return STATUS_OUT_OF_RESOURCES
-            entry = self.spool.store_file(header, received, offset, self.config.key)
+            if size > config.limits.max_instance_size:
+                return _refused(calling, f"{size} bytes, above limits.max_instance_size")
+            entry = self.spool.store_file(header, received, offset, config.key)
         except OSError as exc:
-            log.error(
-                "cannot spool an instance from %s: %s; answered 0xA700", requestor.ae_title, exc
-            )
-            metrics.REFUSED.labels("0xA700").inc()
-            return STATUS_OUT_OF_RESOURCES
+            return _refused(calling, f"cannot spool it: {exc}")
         except Exception as exc:  # a request so malformed it cannot even be framed
-            log.error("cannot understand a C-STORE from %s: %s", requestor.ae_title, exc)
+            log.error("cannot understand a C-STORE from %s: %s", calling, exc)
             metrics.REFUSED.labels("0xC000").inc()
             return STATUS_CANNOT_UNDERSTAND
         metrics.RECEIVED.labels(calling).inc()
         metrics.BYTES_IN.inc(size)
         self.on_stored(entry)
         return STATUS_SUCCESS
+
+
+def _refused(calling: str, why: str) -> int:
+    """0xA700 Out of Resources: the sender may try again later; logged and counted."""
+    log.error("refused an instance from %s with 0xA700: %s", calling, why)
+    metrics.REFUSED.labels("0xA700").inc()
+    return STATUS_OUT_OF_RESOURCES

@@ -13,6 +13,7 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from node import observe as metrics
@@ -27,6 +28,11 @@ log = logging.getLogger("dicom_node")
 WATCH_INTERVAL = 1.0  # seconds between looks at the config file
 SETTLE = 0.3  # a changed file must stay unchanged this long (editors write in steps)
 STOP_DEADLINE = 30.0  # seconds running associations get to finish on stop or listener restart
+
+
+def _count_reload(result: str) -> None:
+    metrics.RELOADS.labels(result).inc()
+    metrics.RELOAD_OK.set(0 if result == "failed" else 1)
 
 
 class _Queues:
@@ -163,13 +169,11 @@ class Service:
                 log.error("reload (%s) refused: %s", why, problem)
             log.error("reload refused: %d problem(s); still running the previous configuration",
                       len(exc.problems))  # fmt: skip
-            metrics.RELOADS.labels("failed").inc()
-            metrics.RELOAD_OK.set(0)
+            _count_reload("failed")
             return False
         if new.key == self.config.key:
             log.info("reload (%s): configuration unchanged", why)
-            metrics.RELOADS.labels("unchanged").inc()
-            metrics.RELOAD_OK.set(1)
+            _count_reload("unchanged")
             return True
         old = self.config
         for warning in new.warnings:
@@ -178,8 +182,7 @@ class Service:
         self.spool.save_config(new)  # before any entry is received under it
         changes = self.pipeline.apply(new)
         if not self._apply_listener(old, new):
-            metrics.RELOADS.labels("failed").inc()
-            metrics.RELOAD_OK.set(0)
+            _count_reload("failed")
             return False
         self._apply_http(old, new)
         self.config = new
@@ -187,14 +190,11 @@ class Service:
         self.spool.forget_configs({new.key})
         changes += [f"{len(new.rules)} rule(s)"]
         log.info("reloaded (%s) from %s: %s", why, new.source, "; ".join(changes))
-        metrics.RELOADS.labels("applied").inc()
-        metrics.RELOAD_OK.set(1)
+        _count_reload("applied")
         return True
 
     def _keep_restart_only_settings(self, old: Config, new: Config) -> Config:
         """The spool and the number of workers change only with a restart: keep them, say so."""
-        from dataclasses import replace
-
         kept = {}
         if new.node.spool != old.node.spool:
             kept["spool"] = old.node.spool

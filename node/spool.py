@@ -18,14 +18,13 @@ Layout under the spool root:
 
 from __future__ import annotations
 
-import itertools
+import errno
 import json
 import os
 import secrets
 import shutil
 import threading
 import time
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,23 +46,22 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
-def write_durably(path: Path, chunks: Iterable[bytes], tmp_dir: Path) -> None:
-    """Write to a temporary file in `tmp_dir`, fsync, rename to `path`, fsync the directory.
+def write_durably(
+    path: Path, tmp_dir: Path, head: bytes = b"", source: Path | None = None, offset: int = 0
+) -> int:
+    """Write `head` and then `source` (from `offset` on) to a temporary file in `tmp_dir`,
+    fsync, rename to `path`, fsync the directory. Returns the bytes written.
 
-    `tmp_dir` must be on the same filesystem as `path` so the rename is atomic.
+    `tmp_dir` must be on the same filesystem as `path` so the rename is atomic. The source is
+    copied by the kernel (copy_file_range), never through Python buffers: on the receive path
+    that is the dataset pynetdicom just wrote.
     """
     tmp = tmp_dir / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
-        with os.fdopen(fd, "wb", closefd=False) as f:
-            unsynced = 0
-            for chunk in chunks:
-                f.write(chunk)
-                unsynced += len(chunk)
-                if unsynced >= SYNC_EVERY:  # a large file: keep its dirty pages few, so other
-                    f.flush()  # fsyncs (small instances' acks) do not queue behind a gigabyte
-                    os.fdatasync(fd)
-                    unsynced = 0
+        written = _write_all(fd, head)
+        if source is not None:
+            written += _copy(source, offset, fd)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -72,6 +70,36 @@ def write_durably(path: Path, chunks: Iterable[bytes], tmp_dir: Path) -> None:
     os.close(fd)
     os.replace(tmp, path)
     fsync_directory(path.parent)
+    return written
+
+
+def _copy(source: Path, offset: int, fd: int) -> int:
+    """Append `source` from `offset` to `fd`; a large file is fdatasync'd every SYNC_EVERY
+    bytes so other fsyncs (small instances' acks) do not queue behind a gigabyte."""
+    copied = unsynced = 0
+    with source.open("rb") as f:
+        while True:
+            try:
+                n = os.copy_file_range(f.fileno(), fd, SYNC_EVERY, offset + copied)
+            except OSError as exc:  # e.g. across filesystems on older kernels: copy ourselves
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                f.seek(offset + copied)
+                n = _write_all(fd, f.read(SYNC_EVERY))
+            if n == 0:
+                return copied
+            copied += n
+            unsynced += n
+            if unsynced >= SYNC_EVERY:
+                os.fdatasync(fd)
+                unsynced = 0
+
+
+def _write_all(fd: int, data: bytes) -> int:
+    done = 0
+    while done < len(data):
+        done += os.write(fd, data[done:])
+    return done
 
 
 def part10_header(file_meta: FileMetaDataset) -> bytes:
@@ -141,28 +169,22 @@ class Spool:
             count += 1
         return count
 
-    def _new_entry_path(self, config_key: str) -> Path:
-        return self.incoming / f"{time.time_ns():020d}-{secrets.token_hex(6)}-{config_key}.dcm"
-
     def store(
         self, file_meta: FileMetaDataset, dataset_bytes: bytes, config_key: str = "0"
     ) -> SpoolEntry:
         """Durably store one received instance; when this returns, Success may be sent."""
-        path = self._new_entry_path(config_key)
-        header = part10_header(file_meta)
-        write_durably(path, (header, dataset_bytes), self.tmp)
-        self._account(len(header) + len(dataset_bytes))
-        return SpoolEntry(path)
+        return self._store(part10_header(file_meta) + dataset_bytes, None, 0, config_key)
 
     def store_file(
         self, header: bytes, source: Path, offset: int, config_key: str = "0"
     ) -> SpoolEntry:
         """As `store`, with the Part 10 header given as bytes and the dataset already on disk
-        at `source` from `offset` on (pynetdicom's chunked receive): copied 1 MiB at a time,
-        so a 1 GB instance never sits in memory."""
-        path = self._new_entry_path(config_key)
-        write_durably(path, itertools.chain([header], read_chunks(source, offset=offset)), self.tmp)
-        self._account(path.stat().st_size)
+        at `source` from `offset` on (pynetdicom's chunked receive)."""
+        return self._store(header, source, offset, config_key)
+
+    def _store(self, head: bytes, source: Path | None, offset: int, config_key: str) -> SpoolEntry:
+        path = self.incoming / f"{time.time_ns():020d}-{secrets.token_hex(6)}-{config_key}.dcm"
+        self._account(write_durably(path, self.tmp, head, source, offset))
         return SpoolEntry(path)
 
     def save_config(self, config: Config) -> None:
@@ -170,7 +192,7 @@ class Spool:
         path = self.configs / f"{config.key}.json"
         if not path.exists():
             record = {"source": config.source, "base": str(config.base), "text": config.text}
-            write_durably(path, [json.dumps(record).encode()], self.tmp)
+            write_durably(path, self.tmp, json.dumps(record).encode())
 
     def saved_config(self, key: str) -> Config | None:
         """A configuration saved by `save_config`, parsed again; None if gone or now invalid."""
@@ -221,14 +243,14 @@ class Spool:
         folder = self.dead_letter_dir / destination
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / f"{entry}.dcm"
-        write_durably(folder / f"{entry}.reason.txt", (_stamped(reason),), self.tmp)
+        write_durably(folder / f"{entry}.reason.txt", self.tmp, _stamped(reason))
         if not target.exists():
             try:
                 os.link(source, self.tmp / target.name)
                 os.replace(self.tmp / target.name, target)
                 fsync_directory(folder)
             except OSError:
-                write_durably(target, read_chunks(source), self.tmp)
+                write_durably(target, self.tmp, source=source)
         return target
 
     def is_dead_letter(self, path: Path) -> bool:
@@ -237,7 +259,7 @@ class Spool:
     def quarantine(self, entry: SpoolEntry, reason: str) -> Path:
         """Keep the instance, as received, with a reason file an operator can read."""
         target = self.quarantine_dir / entry.path.name
-        write_durably(self.quarantine_dir / f"{entry.id}.reason.txt", (_stamped(reason),), self.tmp)
+        write_durably(self.quarantine_dir / f"{entry.id}.reason.txt", self.tmp, _stamped(reason))
         self._account(-entry.path.stat().st_size)
         os.replace(entry.path, target)
         fsync_directory(self.quarantine_dir)
@@ -260,10 +282,3 @@ class Spool:
 
 def _stamped(reason: str) -> bytes:
     return f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} {reason}\n".encode()
-
-
-def read_chunks(path: Path, size: int = 1 << 20, offset: int = 0) -> Iterator[bytes]:
-    with path.open("rb") as f:
-        f.seek(offset)
-        while chunk := f.read(size):
-            yield chunk

@@ -83,7 +83,7 @@ def transcode(
     notes: list[str] = []
     try:
         facts = capability.pixel_facts(ds)
-    except (ValueError, AttributeError, KeyError) as exc:
+    except Exception as exc:  # any attribute a hostile header makes unreadable
         return TranscodeResult(
             None, "passed-through", None, (f"unusable Image Pixel module: {exc}",)
         )

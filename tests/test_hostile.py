@@ -145,8 +145,10 @@ def test_each_crafted_file_gets_a_defined_outcome_in_the_worker(tmp_path, worker
     assert_safe_outcome(result)
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-          HealthCheck.function_scoped_fixture])  # fmt: skip
+# derandomize: CI runs the same examples every time, so a failure there is reproducible.
+@settings(max_examples=120, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow,
+                                 HealthCheck.function_scoped_fixture])  # fmt: skip
 @given(
     seed=st.sampled_from(SEEDS),
     cuts=st.lists(st.tuples(st.floats(0, 1), st.binary(min_size=0, max_size=16)), max_size=4),
@@ -240,7 +242,7 @@ def test_hostile_files_and_fuzzed_pdus_leave_the_node_answering_and_nothing_lost
     node.assert_alive()
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
 @given(payload=st.one_of(
     st.binary(min_size=1, max_size=2048),
     st.builds(lambda kind, length, body: bytes([kind, 0]) + struct.pack(">I", length) + body,
