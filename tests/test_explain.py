@@ -54,3 +54,31 @@ def test_explain_reports_quarantine_when_no_rule_matches(tmp_path, capsys):
     out = explain(tmp_path, capsys, "MR_small.dcm", extra=("--calling-aet", "MR1"))
     assert "CallingAET=MR1" in out
     assert "rule: none matches => quarantined" in out
+
+
+BROKEN = {  # one per area of the config; the line each problem must name
+    "yaml": ("node:\n  port: 1: 2\nrules: []\n", [2]),
+    "node key": ("node: {prot: 1}\nrules: [{name: r, send_to: []}]\n", [1]),
+    "syntax typo": (
+        "destinations: {a: {type: folder, path: ./a}}\nrules:\n"
+        "  - {name: r, transcode: {syntax: JPEGLSLosless}, send_to: [a]}\n", [3]),
+    "unknown destination": ("rules:\n  - name: r\n    send_to: [pacs]\n", [3]),
+    "accept and limits": (
+        "accept: {networks: [10.0.0.300/8]}\nlimits: {max_associations: 0}\n"
+        "rules: [{name: r, send_to: []}]\n", [1, 2]),
+    "tls": ("node: {tls: {cert: /nonexistent.pem, key: /nonexistent.key}}\n"
+            "rules: [{name: r, send_to: []}]\n", [1, 1]),
+}  # fmt: skip
+
+
+def test_explain_reports_every_config_problem_with_its_line_like_check_config(tmp_path, capsys):
+    for name, (text, lines) in BROKEN.items():
+        config = tmp_path / f"{name.replace(' ', '-')}.yaml"
+        config.write_text(text)
+        assert main(["check-config", str(config)]) == 2, name
+        checked = capsys.readouterr().err.splitlines()
+        assert main(["explain", "-c", str(config), str(data_file("CT_small.dcm"))]) == 2, name
+        explained = capsys.readouterr().err.splitlines()
+        assert explained == checked, name
+        problems = [p for p in explained if p.startswith(f"{config}:")]
+        assert [int(p.split(":")[1]) for p in problems][: len(lines)] == lines, (name, problems)

@@ -223,6 +223,7 @@ def test_hostile_files_and_fuzzed_pdus_leave_the_node_answering_and_nothing_lost
             if assoc.is_established:
                 assoc.release()
             assert echo(port), f"no C-ECHO after {name}"
+            assert rss_of_tree(node.process.pid) < 1 << 30, f"memory after {name}"
     finally:
         _config.STORE_SEND_CHUNKED_DATASET = False
 
