@@ -9,11 +9,12 @@ import logging
 import socket
 import struct
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from pydicom.uid import UID_dictionary
 from pynetdicom import AE, _config, dimse_messages, evt
@@ -58,11 +59,61 @@ def _stream_received_datasets_to(folder: Path) -> None:
     of collecting it in memory (twice: the buffer, then the bytes the handler asks for), so a
     1 GB multi-frame instance costs the node no memory. The file goes in the spool's tmp/, not
     /tmp, which may be RAM (tmpfs); leftovers after a crash are removed with the rest of tmp/.
-    pynetdicom unlinks it when the handler returns; the handler copies it first."""
+    It is written with the spool's header (_SpoolHeaderWriter), so the handler renames it into
+    the spool instead of copying it; pynetdicom's unlink afterwards then finds nothing."""
     _config.STORE_RECV_CHUNKED_DATASET = True
     dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[attr-defined]
-        tempfile.NamedTemporaryFile, dir=folder
+        _received_dataset_file, folder
     )
+
+
+def _received_dataset_file(folder: Path, **kwargs: Any) -> Any:
+    """The file pynetdicom's DUL thread writes a C-STORE's dataset into."""
+    file = tempfile.NamedTemporaryFile(dir=folder, **kwargs)  # noqa: SIM115 - pynetdicom closes it
+    assoc = getattr(threading.current_thread(), "assoc", None)  # the DUL thread's association
+    try:
+        titles = (
+            assoc.ae.ae_title,  # type: ignore[union-attr]
+            assoc.requestor.ae_title.strip(),  # type: ignore[union-attr]
+            assoc.requestor.primitive.called_ae_title.strip(),  # type: ignore[union-attr]
+        )
+    except AttributeError:  # not where pynetdicom 3 calls it from: the handler adds the header
+        return file
+    return _SpoolHeaderWriter(file, *titles)
+
+
+class _SpoolHeaderWriter:
+    """pynetdicom's temporary file, with the spool's header: the File Meta pynetdicom writes
+    first is held back until it is complete and written with the AE titles added
+    (spool_header). Everything after it goes straight to the file."""
+
+    def __init__(self, file: Any, node_ae: str, calling: str, called: str):
+        self._file = file
+        self.name = file.name
+        self.file = file.file  # pynetdicom flushes this after each fragment
+        self._titles = (node_ae, calling, called)
+        self._head: bytearray | None = bytearray()
+
+    def write(self, data: bytes) -> int:
+        if self._head is None:
+            return self._file.write(data)
+        self._head += data
+        try:
+            end = _meta_end(self._head)
+        except ValueError:  # not File Meta as pynetdicom writes it: leave it to the handler
+            end, self._titles = len(self._head), None
+        if end is None:
+            return len(data)
+        head, self._head = self._head, None
+        if self._titles is not None:
+            self._file.write(_with_ae_titles(bytes(head[:end]), *self._titles))
+            self._file.write(head[end:])
+        else:
+            self._file.write(head)
+        return len(data)
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def _read_pdus_in_large_reads() -> None:
@@ -88,27 +139,49 @@ _LARGEST_READ = 1 << 20
 
 
 def spool_header(received: Path, node_ae: str, calling: str, called: str) -> tuple[bytes, int]:
-    """The Part 10 header for the spool file and where the dataset starts in `received`.
+    """The Part 10 header for the spool file and where the dataset starts in `received`; the
+    header is b"" when `received` already starts with it (_SpoolHeaderWriter wrote it).
 
-    pynetdicom's chunked receive wrote its File Meta Information (up to (0002,0013)); the
+    pynetdicom's chunked receive writes its File Meta Information (up to (0002,0013)); the
     node appends Source (its own), Sending (calling) and Receiving (called) Application Entity
     Title, (0002,0016)-(0002,0018), and corrects the group length. Done on bytes: parsing and
     re-encoding the group with pydicom was an eighth of the receiving thread's CPU.
     """
     with received.open("rb") as f:
         head = f.read(144)
-        if len(head) < 144 or head[128:138] != b"DICM\x02\x00\x00\x00UL":
-            raise ValueError("the received file does not start with a File Meta group length")
-        (length,) = struct.unpack("<I", head[140:144])
-        group = f.read(length)
-    if len(group) != length or _last_meta_element(group) >= 0x0016:
+        end = _meta_end(head)
+        if end is None and len(head) == 144:
+            head += f.read(struct.unpack("<I", head[140:144])[0])
+            end = _meta_end(head)
+    if end is None:
+        raise ValueError("the received file ends inside its File Meta Information")
+    if _last_meta_element(head[144:end]) >= 0x0016:
+        return b"", end
+    return _with_ae_titles(head[:end], node_ae, calling, called), end
+
+
+def _meta_end(head: bytes | bytearray) -> int | None:
+    """Where the File Meta group ends in a Part 10 file's first bytes `head`; None when
+    `head` ends before that."""
+    if len(head) < 144:
+        return None
+    if head[128:138] != b"DICM\x02\x00\x00\x00UL":
+        raise ValueError("the received file does not start with a File Meta group length")
+    end = 144 + struct.unpack("<I", head[140:144])[0]
+    return end if len(head) >= end else None
+
+
+def _with_ae_titles(header: bytes, node_ae: str, calling: str, called: str) -> bytes:
+    """pynetdicom's Part 10 header `header` with (0002,0016)-(0002,0018) appended."""
+    group = header[144:]
+    if _last_meta_element(group) >= 0x0016:
         raise ValueError("unexpected File Meta Information from pynetdicom")
     extra = b"".join(
         _ae_element(element, title)
         for element, title in ((0x0016, node_ae), (0x0017, calling), (0x0018, called))
     )
-    group_length = head[132:140] + struct.pack("<I", length + len(extra))
-    return b"\0" * 128 + b"DICM" + group_length + group + extra, 144 + length
+    group_length = header[132:140] + struct.pack("<I", len(group) + len(extra))
+    return b"\0" * 128 + b"DICM" + group_length + group + extra
 
 
 def _ae_element(element: int, title: str) -> bytes:
@@ -267,7 +340,10 @@ class StorageSCP:
             size = received.stat().st_size - offset
             if size > config.limits.max_instance_size:
                 return _refused(calling, f"{size} bytes, above limits.max_instance_size")
-            entry = self.spool.store_file(header, received, offset, config.key)
+            if header:
+                entry = self.spool.store_file(header, received, offset, config.key)
+            else:  # already the spool's file: renamed, not copied
+                entry = self.spool.adopt_received(received, config.key)
         except OSError as exc:
             return _refused(calling, f"cannot spool it: {exc}")
         except Exception as exc:  # a request so malformed it cannot even be framed

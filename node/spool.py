@@ -182,10 +182,31 @@ class Spool:
         at `source` from `offset` on (pynetdicom's chunked receive)."""
         return self._store(header, source, offset, config_key)
 
+    def adopt_received(self, received: Path, config_key: str = "0") -> SpoolEntry:
+        """As `store_file`, for a complete Part 10 file pynetdicom wrote in tmp/: fsync'd and
+        renamed into incoming/, never copied (a copy costs as much CPU as receiving did)."""
+        if received.parent != self.tmp:
+            return self._store(b"", received, 0, config_key)
+        path = self._incoming_path(config_key)
+        fd = os.open(received, os.O_RDONLY)
+        try:
+            os.fchmod(fd, 0o640)  # as write_durably's files, not the temporary file's 0600
+            os.fsync(fd)
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        os.replace(received, path)
+        fsync_directory(self.incoming)
+        self._account(size)
+        return SpoolEntry(path)
+
     def _store(self, head: bytes, source: Path | None, offset: int, config_key: str) -> SpoolEntry:
-        path = self.incoming / f"{time.time_ns():020d}-{secrets.token_hex(6)}-{config_key}.dcm"
+        path = self._incoming_path(config_key)
         self._account(write_durably(path, self.tmp, head, source, offset))
         return SpoolEntry(path)
+
+    def _incoming_path(self, config_key: str) -> Path:
+        return self.incoming / f"{time.time_ns():020d}-{secrets.token_hex(6)}-{config_key}.dcm"
 
     def save_config(self, config: Config) -> None:
         """Keep the configuration entries are received under, for their processing later."""
