@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from node.config import DicomDestination, FolderDestination
-from node.spool import write_durably
+from node.spool import fsync_directory, link_into, write_durably
 from node.syntaxes import syntax_name
 
 log = logging.getLogger("dicom_node.deliver")
@@ -80,15 +80,27 @@ def layout_path(layout: str, ds: Dataset) -> PurePosixPath:
     return PurePosixPath("".join(out))
 
 
-def deliver_to_folder(dest: FolderDestination, relative: PurePosixPath, source: Path) -> Path:
-    """Copy `source` to dest.path/relative atomically (temporary name, fsync, rename)."""
+def deliver_to_folder(
+    dest: FolderDestination, relative: PurePosixPath, source: Path, sync_directory: bool = True
+) -> Path:
+    """Put `source` at dest.path/relative atomically (temporary name, rename).
+
+    `source` is durable already (the spool fsyncs everything it hands out), so on the same
+    filesystem it is hard-linked: no copy, no second write of the data. Elsewhere it is
+    copied and fsync'd. The folder is fsync'd unless the caller does that for a group of files
+    (`sync_directory=False`).
+    """
     root = dest.path.resolve()
     target = (root / relative).resolve()
     if not target.is_relative_to(root) or target == root:
         raise DeliveryError(f"path {relative} leaves {root}; refused", retryable=False)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        write_durably(target, target.parent, source=source)
+        if link_into(target, source):
+            if sync_directory:
+                fsync_directory(target.parent)
+        else:
+            write_durably(target, target.parent, source=source, sync_directory=sync_directory)
     except OSError as exc:
         raise DeliveryError(f"cannot write {target}: {exc.strerror or exc}") from None
     return target

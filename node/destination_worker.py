@@ -1,6 +1,9 @@
 """One thread per destination drains that destination's queue, so a dead or slow destination
 never delays the others. Failures back off exponentially with jitter; what is still not
 delivered after `give_up_after`, or refused `max_failures` times, goes to the dead-letter folder.
+
+A folder destination commits in groups: the files of a batch are placed, each folder is
+fsync'd once, and the queue records them all in one transaction (at most BATCH per commit).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from node import observe as metrics
 from node.config import Destination, DicomDestination, RetryPolicy
 from node.deliver import DeliveryError, PeerSession, deliver_to_folder
 from node.queue import Delivery, DeliveryQueue, FinishedEntry
-from node.spool import Spool
+from node.spool import Spool, fsync_directory
 
 log = logging.getLogger("dicom_node.deliver")
 
@@ -37,7 +40,7 @@ class DestinationWorker:
         dest: Destination,
         queue: DeliveryQueue,
         spool: Spool,
-        on_finished: Callable[[FinishedEntry], None],
+        on_finished: Callable[[list[FinishedEntry]], None],
     ):
         self.dest = dest
         self.queue = queue
@@ -86,46 +89,90 @@ class DestinationWorker:
             self._wake.wait(wait)
             self._wake.clear()
             return
+        if self.session is None:
+            self._deliver_to_folder(batch)
+            return
         for i, d in enumerate(batch):
             if self._stopping.is_set() or not self._deliver(d, batch[i + 1 :]):
                 return
 
     def _deliver(self, d: Delivery, rest: list[Delivery]) -> bool:
         """Try one delivery; False when the destination is unreachable (stop this batch)."""
-        policy = self.dest.retry
+        assert self.session is not None
         try:
-            if self.session is None:
-                assert d.relpath is not None
-                deliver_to_folder(self.dest, PurePosixPath(d.relpath), Path(d.path))
-            else:
-                upcoming = [(r.sop_class, r.syntax) for r in rest]
-                self.session.send(Path(d.path), d.sop_class, d.syntax, upcoming)
+            upcoming = [(r.sop_class, r.syntax) for r in rest]
+            self.session.send(Path(d.path), d.sop_class, d.syntax, upcoming)
         except DeliveryError as exc:
             if exc.retryable:
-                self.failures_in_row += 1
-                delay = backoff(policy, self.failures_in_row)
-                self.queue.failed(d, str(exc), time.time() + delay, failure=False)
-                metrics.DELIVERY_FAILURES.labels(self.dest.name, "transient").inc()
-                log.warning("%s: %s; next try in %.1f s", self.dest.name, exc, delay)
-                if self.session is not None:
-                    self.session.close()
-                self._stopping.wait(delay)  # the whole destination waits, not just this one
+                self._transient([d], exc)
                 return False
             self._refused(d, str(exc))
             return True
         except Exception as exc:  # e.g. a file that cannot be read: not transient
             self._refused(d, f"{type(exc).__name__}: {exc}")
             return True
-        self.failures_in_row = 0
-        finished = self.queue.delivered(d)
-        metrics.DELIVERED.labels(self.dest.name).inc()
-        if self.spool.is_dead_letter(Path(d.path)):  # a re-queued dead letter made it
-            Path(d.path).unlink(missing_ok=True)
-            Path(d.path).with_suffix(".reason.txt").unlink(missing_ok=True)
-        log.debug("%s has %s", self.dest.name, d.entry)
-        if finished is not None:
-            self.on_finished(finished)
+        self._delivered([d])
         return True
+
+    def _deliver_to_folder(self, batch: list[Delivery]) -> None:
+        """Place every file of `batch`, fsync each folder once, record them in one commit."""
+        placed: list[Delivery] = []
+        folders: set[Path] = set()
+        for d in batch:
+            if self._stopping.is_set():
+                break
+            assert d.relpath is not None
+            try:
+                target = deliver_to_folder(
+                    self.dest, PurePosixPath(d.relpath), Path(d.path), sync_directory=False
+                )
+            except DeliveryError as exc:
+                if exc.retryable:  # e.g. the disk is full: the rest of the batch would fail too
+                    self._commit(placed, folders)
+                    self._transient([d], exc)
+                    return
+                self._refused(d, str(exc))
+                continue
+            except Exception as exc:  # e.g. a file that cannot be read: not transient
+                self._refused(d, f"{type(exc).__name__}: {exc}")
+                continue
+            placed.append(d)
+            folders.add(target.parent)
+        self._commit(placed, folders)
+
+    def _commit(self, placed: list[Delivery], folders: set[Path]) -> None:
+        try:
+            for folder in folders:
+                fsync_directory(folder)
+        except OSError as exc:
+            self._transient(placed, DeliveryError(f"cannot sync {folder}: {exc.strerror or exc}"))
+            return
+        if placed:
+            self._delivered(placed)
+
+    def _delivered(self, ds: list[Delivery]) -> None:
+        self.failures_in_row = 0
+        finished = self.queue.delivered_all(ds)
+        metrics.DELIVERED.labels(self.dest.name).inc(len(ds))
+        for d in ds:
+            if self.spool.is_dead_letter(Path(d.path)):  # a re-queued dead letter made it
+                Path(d.path).unlink(missing_ok=True)
+                Path(d.path).with_suffix(".reason.txt").unlink(missing_ok=True)
+            log.debug("%s has %s", self.dest.name, d.entry)
+        if finished:
+            self.on_finished(finished)
+
+    def _transient(self, ds: list[Delivery], exc: DeliveryError) -> None:
+        """The destination cannot take anything now: all of `ds` wait, and so does it."""
+        self.failures_in_row += 1
+        delay = backoff(self.dest.retry, self.failures_in_row)
+        for d in ds:
+            self.queue.failed(d, str(exc), time.time() + delay, failure=False)
+        metrics.DELIVERY_FAILURES.labels(self.dest.name, "transient").inc(len(ds))
+        log.warning("%s: %s; next try in %.1f s", self.dest.name, exc, delay)
+        if self.session is not None:
+            self.session.close()
+        self._stopping.wait(delay)  # the whole destination waits, not just this one
 
     def _refused(self, d: Delivery, error: str) -> None:
         metrics.DELIVERY_FAILURES.labels(self.dest.name, "refused").inc()
@@ -144,4 +191,4 @@ class DestinationWorker:
         finished = self.queue.dead(d, str(path), reason)
         log.error("dead-lettered %s for %s: %s (kept in %s)", d.entry, self.dest.name, reason, path)
         if finished is not None:
-            self.on_finished(finished)
+            self.on_finished([finished])

@@ -82,7 +82,8 @@ class Pipeline:
     def start(self) -> int:
         """Resume whatever the spool holds, then wait for new entries. Returns the backlog."""
         self.spool.discard_partial_writes()
-        for finished in self.queue.finished_entries():  # a crash between delivery and cleanup
+        finished = self.queue.finished_entries()  # a crash between delivery and cleanup
+        if finished:
             self._entry_finished(finished)
         self.spool.remove_orphan_outputs(self.queue.referenced_files())
         queued = self.queue.known_entries()  # already processed: their deliveries resume
@@ -284,11 +285,12 @@ class Pipeline:
         finally:
             self._finish(entry)
 
-    def _entry_finished(self, finished: FinishedEntry) -> None:
-        """Every destination has it (or dead-lettered a copy): delete the spool files."""
-        output = Path(finished.output) if finished.output else None
-        self.spool.complete(Path(finished.incoming), output)
-        self.queue.forget(finished.entry)
+    def _entry_finished(self, finished: list[FinishedEntry]) -> None:
+        """Every destination has them (or dead-lettered a copy): delete their spool files."""
+        self.spool.complete_all(
+            [(Path(f.incoming), Path(f.output) if f.output else None) for f in finished]
+        )
+        self.queue.forget_all([f.entry for f in finished])
 
     def _retry_later(self, entry: SpoolEntry) -> None:
         def again() -> None:

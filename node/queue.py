@@ -143,7 +143,14 @@ class DeliveryQueue:
             return [FinishedEntry(*row) for row in rows]
 
     def forget(self, entry: str) -> None:
-        self._tx(lambda db: db.execute("DELETE FROM entries WHERE entry = ?", (entry,)))
+        self.forget_all([entry])
+
+    def forget_all(self, entries: list[str]) -> None:
+        self._tx(
+            lambda db: db.executemany(
+                "DELETE FROM entries WHERE entry = ?", [(entry,) for entry in entries]
+            )
+        )
 
     # --- a destination worker's side -------------------------------------------------------
 
@@ -188,6 +195,15 @@ class DeliveryQueue:
     def delivered(self, d: Delivery) -> FinishedEntry | None:
         """Remove the row; the entry, when this was its last pending delivery."""
         return self._tx(lambda db: self._settle(db, d, "DELETE FROM deliveries WHERE id = ?", ()))
+
+    def delivered_all(self, ds: list[Delivery]) -> list[FinishedEntry]:
+        """`delivered` for several deliveries in one transaction (one commit, one fsync)."""
+
+        def settle_all(db) -> list[FinishedEntry]:
+            settled = (self._settle(db, d, "DELETE FROM deliveries WHERE id = ?", ()) for d in ds)
+            return [finished for finished in settled if finished is not None]
+
+        return self._tx(settle_all)
 
     def dead(self, d: Delivery, dead_path: str, error: str) -> FinishedEntry | None:
         sql = "UPDATE deliveries SET state = 'dead', path = ?, last_error = ? WHERE id = ?"

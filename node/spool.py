@@ -47,10 +47,16 @@ def fsync_directory(path: Path) -> None:
 
 
 def write_durably(
-    path: Path, tmp_dir: Path, head: bytes = b"", source: Path | None = None, offset: int = 0
+    path: Path,
+    tmp_dir: Path,
+    head: bytes = b"",
+    source: Path | None = None,
+    offset: int = 0,
+    sync_directory: bool = True,
 ) -> int:
     """Write `head` and then `source` (from `offset` on) to a temporary file in `tmp_dir`,
-    fsync, rename to `path`, fsync the directory. Returns the bytes written.
+    fsync, rename to `path`, fsync the directory (unless the caller does that for several
+    files: `sync_directory=False`). Returns the bytes written.
 
     `tmp_dir` must be on the same filesystem as `path` so the rename is atomic. The source is
     copied by the kernel (copy_file_range), never through Python buffers: on the receive path
@@ -69,8 +75,27 @@ def write_durably(
         raise
     os.close(fd)
     os.replace(tmp, path)
-    fsync_directory(path.parent)
+    if sync_directory:
+        fsync_directory(path.parent)
     return written
+
+
+def link_into(path: Path, durable_source: Path) -> bool:
+    """Give the already durable file `durable_source` the name `path` too (a hard link under
+    a temporary name, renamed over `path`): no data is copied or written again. The caller
+    fsyncs `path`'s directory. False where the filesystem cannot (another device, no links)."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        os.link(durable_source, tmp)
+    except OSError as exc:
+        if exc.errno in (errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+            return False
+        raise
+    try:
+        os.replace(tmp, path)
+    finally:  # rename() leaves both names when they are links to one file (a re-delivery)
+        tmp.unlink(missing_ok=True)
+    return True
 
 
 def _copy(source: Path, offset: int, fd: int) -> int:
@@ -290,10 +315,15 @@ class Spool:
 
     def complete(self, incoming: Path, output: Path | None) -> None:
         """Every destination has the instance (or dead-lettered it): forget it."""
-        for path in (incoming, output):
-            if path is not None and path.exists():
-                self._account(-path.stat().st_size)
-                path.unlink(missing_ok=True)
+        self.complete_all([(incoming, output)])
+
+    def complete_all(self, finished: list[tuple[Path, Path | None]]) -> None:
+        """`complete` for several instances, with one fsync of incoming/ for all."""
+        for paths in finished:
+            for path in paths:
+                if path is not None and path.exists():
+                    self._account(-path.stat().st_size)
+                    path.unlink(missing_ok=True)
         fsync_directory(self.incoming)
 
     def _remove_work(self, entry: SpoolEntry) -> None:

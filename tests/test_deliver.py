@@ -65,3 +65,30 @@ def test_an_unwritable_folder_is_a_retryable_delivery_error(tmp_path: Path):
     with pytest.raises(DeliveryError) as err:
         deliver_to_folder(dest, layout_path(LAYOUT, dataset()), source)
     assert err.value.retryable
+
+
+def test_on_the_spools_filesystem_the_file_is_linked_not_copied(tmp_path: Path):
+    """The spool's files are durable: the archive gets the same file (no copy, no write)."""
+    dest = FolderDestination("archive", tmp_path / "archive", LAYOUT)
+    source = tmp_path / "in.dcm"
+    source.write_bytes(b"x" * 1000)
+    written = deliver_to_folder(dest, layout_path(LAYOUT, dataset()), source)
+    assert written.samefile(source)
+    source.unlink()  # the spool forgets it once delivered: the archive keeps it
+    assert written.read_bytes() == b"x" * 1000
+
+
+def test_across_filesystems_the_file_is_copied(tmp_path: Path, monkeypatch):
+    import errno
+    import os
+
+    def no_link(*_args):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_link)
+    dest = FolderDestination("archive", tmp_path / "archive", LAYOUT)
+    source = tmp_path / "in.dcm"
+    source.write_bytes(b"y" * 1000)
+    written = deliver_to_folder(dest, layout_path(LAYOUT, dataset()), source)
+    assert not written.samefile(source) and written.read_bytes() == source.read_bytes()
+    assert [p.name for p in written.parent.iterdir()] == [written.name]
