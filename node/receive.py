@@ -4,25 +4,20 @@ spool and fsync'd, and only then answered Success; nothing here decodes pixels.
 
 from __future__ import annotations
 
-import functools
 import logging
-import socket
-import struct
-import tempfile
-import threading
 import time
 from collections.abc import Callable
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, cast
 
+from pydicom import config as pydicom_config
 from pydicom.uid import UID_dictionary
-from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom import AE, evt
 from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import Verification, register_uid, uid_to_service_class
-from pynetdicom.transport import AssociationSocket
 
 from node import observe as metrics
+from node import received_file
 from node.config import Config
 from node.deliver import set_nodelay
 from node.spool import Spool, SpoolEntry
@@ -54,158 +49,6 @@ def _register_unknown_storage_classes() -> None:
             register_uid(uid, UID_dictionary[uid][4] or f"Storage_{uid}", StorageServiceClass)
 
 
-def _stream_received_datasets_to(folder: Path) -> None:
-    """pynetdicom writes each received dataset to a temporary file as its PDUs arrive, instead
-    of collecting it in memory (twice: the buffer, then the bytes the handler asks for), so a
-    1 GB multi-frame instance costs the node no memory. The file goes in the spool's tmp/, not
-    /tmp, which may be RAM (tmpfs); leftovers after a crash are removed with the rest of tmp/.
-    It is written with the spool's header (_SpoolHeaderWriter), so the handler renames it into
-    the spool instead of copying it; pynetdicom's unlink afterwards then finds nothing."""
-    _config.STORE_RECV_CHUNKED_DATASET = True
-    dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[attr-defined]
-        _received_dataset_file, folder
-    )
-
-
-def _received_dataset_file(folder: Path, **kwargs: Any) -> Any:
-    """The file pynetdicom's DUL thread writes a C-STORE's dataset into."""
-    file = tempfile.NamedTemporaryFile(dir=folder, **kwargs)  # noqa: SIM115 - pynetdicom closes it
-    assoc = getattr(threading.current_thread(), "assoc", None)  # the DUL thread's association
-    try:
-        titles = (
-            assoc.ae.ae_title,  # type: ignore[union-attr]
-            assoc.requestor.ae_title.strip(),  # type: ignore[union-attr]
-            assoc.requestor.primitive.called_ae_title.strip(),  # type: ignore[union-attr]
-        )
-    except AttributeError:  # not where pynetdicom 3 calls it from: the handler adds the header
-        return file
-    return _SpoolHeaderWriter(file, *titles)
-
-
-class _SpoolHeaderWriter:
-    """pynetdicom's temporary file, with the spool's header: the File Meta pynetdicom writes
-    first is held back until it is complete and written with the AE titles added
-    (spool_header). Everything after it goes straight to the file."""
-
-    def __init__(self, file: Any, node_ae: str, calling: str, called: str):
-        self._file = file
-        self.name = file.name
-        self.file = file.file  # pynetdicom flushes this after each fragment
-        self._titles = (node_ae, calling, called)
-        self._head: bytearray | None = bytearray()
-
-    def write(self, data: bytes) -> int:
-        if self._head is None:
-            return self._file.write(data)
-        self._head += data
-        try:
-            end = _meta_end(self._head)
-        except ValueError:  # not File Meta as pynetdicom writes it: leave it to the handler
-            end, self._titles = len(self._head), None
-        if end is None:
-            return len(data)
-        head, self._head = self._head, None
-        if self._titles is not None:
-            self._file.write(_with_ae_titles(bytes(head[:end]), *self._titles))
-            self._file.write(head[end:])
-        else:
-            self._file.write(head)
-        return len(data)
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def _read_pdus_in_large_reads() -> None:
-    """pynetdicom reads a PDU 4 KiB per recv(): 128 system calls for a 512 KiB CT slice, each
-    giving up and taking back the GIL that every other thread of the node wants. Read what the
-    socket has instead, up to 1 MiB at a time (a lying PDU length still costs no memory until
-    its bytes arrive). Same result, same errors: the bytes read, fewer on a closed connection."""
-
-    def recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
-        sock = cast(socket.socket, self.socket)
-        bytestream = bytearray()
-        while len(bytestream) < nr_bytes:
-            data = sock.recv(min(nr_bytes - len(bytestream), _LARGEST_READ))
-            if not data:
-                break
-            bytestream += data
-        return bytestream
-
-    AssociationSocket.recv = recv  # type: ignore[method-assign]
-
-
-_LARGEST_READ = 1 << 20
-
-
-def spool_header(received: Path, node_ae: str, calling: str, called: str) -> tuple[bytes, int]:
-    """The Part 10 header for the spool file and where the dataset starts in `received`; the
-    header is b"" when `received` already starts with it (_SpoolHeaderWriter wrote it).
-
-    pynetdicom's chunked receive writes its File Meta Information (up to (0002,0013)); the
-    node appends Source (its own), Sending (calling) and Receiving (called) Application Entity
-    Title, (0002,0016)-(0002,0018), and corrects the group length. Done on bytes: parsing and
-    re-encoding the group with pydicom was an eighth of the receiving thread's CPU.
-    """
-    with received.open("rb") as f:
-        head = f.read(144)
-        end = _meta_end(head)
-        if end is None and len(head) == 144:
-            head += f.read(struct.unpack("<I", head[140:144])[0])
-            end = _meta_end(head)
-    if end is None:
-        raise ValueError("the received file ends inside its File Meta Information")
-    if _last_meta_element(head[144:end]) >= 0x0016:
-        return b"", end
-    return _with_ae_titles(head[:end], node_ae, calling, called), end
-
-
-def _meta_end(head: bytes | bytearray) -> int | None:
-    """Where the File Meta group ends in a Part 10 file's first bytes `head`; None when
-    `head` ends before that."""
-    if len(head) < 144:
-        return None
-    if head[128:138] != b"DICM\x02\x00\x00\x00UL":
-        raise ValueError("the received file does not start with a File Meta group length")
-    end = 144 + struct.unpack("<I", head[140:144])[0]
-    return end if len(head) >= end else None
-
-
-def _with_ae_titles(header: bytes, node_ae: str, calling: str, called: str) -> bytes:
-    """pynetdicom's Part 10 header `header` with (0002,0016)-(0002,0018) appended."""
-    group = header[144:]
-    if _last_meta_element(group) >= 0x0016:
-        raise ValueError("unexpected File Meta Information from pynetdicom")
-    extra = b"".join(
-        _ae_element(element, title)
-        for element, title in ((0x0016, node_ae), (0x0017, calling), (0x0018, called))
-    )
-    group_length = header[132:140] + struct.pack("<I", len(group) + len(extra))
-    return b"\0" * 128 + b"DICM" + group_length + group + extra
-
-
-def _ae_element(element: int, title: str) -> bytes:
-    value = title.encode("ascii", "replace")[:16]
-    value += b" " * (len(value) % 2)
-    return struct.pack("<HH", 0x0002, element) + b"AE" + struct.pack("<H", len(value)) + value
-
-
-def _last_meta_element(group: bytes) -> int:
-    """The highest element number in an explicit VR little endian group-2 byte string."""
-    at, last = 0, 0
-    while at + 8 <= len(group):
-        _, element = struct.unpack("<HH", group[at : at + 4])
-        vr = group[at + 4 : at + 6]
-        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
-            (size,) = struct.unpack("<I", group[at + 8 : at + 12])
-            at += 12 + size
-        else:
-            (size,) = struct.unpack("<H", group[at + 6 : at + 8])
-            at += 8 + size
-        last = max(last, element)
-    return last
-
-
 def _reject(assoc, result: int, source: int, reason: int) -> None:
     """A-ASSOCIATE-RJ from an EVT_REQUESTED handler. pynetdicom queues the PDU for its DUL
     thread and closes the socket as soon as the handler returns; wait (briefly) until the PDU
@@ -233,8 +76,13 @@ class StorageSCP:
         ae.acse_timeout = limits.association_timeout
         ae.dimse_timeout = limits.dimse_timeout
         ae.network_timeout = limits.idle_timeout
-        _stream_received_datasets_to(spool.tmp)
-        _read_pdus_in_large_reads()
+        # pydicom checks every value it encodes or decodes here (command sets, File Meta) and
+        # only warns, which the node does not show: a tenth of the receiving CPU for nothing.
+        # Workers (other processes) keep the default.
+        pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+        pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
+        received_file.stream_received_datasets_to(spool.tmp)
+        received_file.read_pdus_in_large_reads()
         syntaxes = list(receivable_syntaxes())
         for uid in storage_sop_classes():
             ae.add_supported_context(uid, syntaxes)
@@ -336,7 +184,9 @@ class StorageSCP:
             received = Path(event.dataset_path)  # pynetdicom's file: its meta, then the dataset
             # The title the sender called (rules may route on it), not necessarily ours.
             called = event.assoc.requestor.primitive.called_ae_title.strip()
-            header, offset = spool_header(received, config.node.ae_title, calling, called)
+            header, offset = received_file.spool_header(
+                received, config.node.ae_title, calling, called
+            )
             size = received.stat().st_size - offset
             if size > config.limits.max_instance_size:
                 return _refused(calling, f"{size} bytes, above limits.max_instance_size")

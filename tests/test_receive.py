@@ -6,13 +6,15 @@ import socket
 import threading
 from pathlib import Path
 
+from pydicom.uid import UID
+from pynetdicom import dimse_messages
 from pynetdicom.transport import AssociationSocket
 
-from node import receive
+from node import received_file
 
 
 def _socket_pair() -> tuple[AssociationSocket, socket.socket]:
-    receive._read_pdus_in_large_reads()
+    received_file.read_pdus_in_large_reads()
     ours, theirs = socket.socketpair()
     wrapped = AssociationSocket.__new__(AssociationSocket)
     wrapped.socket = ours
@@ -45,27 +47,22 @@ def test_a_connection_closed_mid_pdu_returns_what_arrived():
     assert data == bytearray(b"x" * 5000)
 
 
-def _pynetdicom_writes(file, dataset: bytes, chunk: int) -> None:
-    """What pynetdicom's chunked receive writes into the file it gets: preamble, File Meta,
-    then the dataset fragment by fragment."""
-    from pydicom.filewriter import write_file_meta_info
-    from pynetdicom.dsutils import create_file_meta
-
+def _pynetdicom_writes(file, dataset: bytes) -> None:
+    """What pynetdicom's chunked receive writes into the file it gets: preamble, File Meta
+    (through the names it imported, which the node replaces), then the dataset fragments."""
     file.write(b"\0" * 128)
     file.write(b"DICM")
-    write_file_meta_info(file, create_file_meta(
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid="1.2.3.4",
-        transfer_syntax="1.2.840.10008.1.2.1"))  # fmt: skip
-    for start in range(0, len(dataset), chunk):
-        file.write(dataset[start : start + chunk])
+    dimse_messages.write_file_meta_info(file, dimse_messages.create_file_meta(
+        sop_class_uid=UID("1.2.840.10008.5.1.4.1.1.2"), sop_instance_uid=UID("1.2.3.4"),
+        transfer_syntax=UID("1.2.840.10008.1.2.1")))  # fmt: skip
+    for start in range(0, len(dataset), 4096):
+        file.write(dataset[start : start + 4096])
         file.file.flush()
 
 
-def test_the_received_file_is_written_with_the_spool_header_and_renamed_not_copied(tmp_path):
-    """_SpoolHeaderWriter gives the same bytes as the copy path (spool_header + dataset), so
-    the handler can rename the file into the spool."""
-    import tempfile
-
+def test_the_received_file_has_the_spool_header_and_is_renamed_not_copied(tmp_path):
+    """The File Meta written on bytes, titles included, is what pydicom writes plus what the
+    copy path (spool_header) adds; the handler then renames the file into the spool."""
     from pydicom import dcmread
     from pydicom.data import get_testdata_file
 
@@ -73,25 +70,42 @@ def test_the_received_file_is_written_with_the_spool_header_and_renamed_not_copi
 
     raw = Path(get_testdata_file("CT_small.dcm", download=False)).read_bytes()
     dataset = raw[raw.find(b"\x08\x00\x05\x00") :]
-    copied = tmp_path / "copied.dcm"
-    with copied.open("wb") as f:
-        _pynetdicom_writes(type("F", (), {"write": f.write, "file": f})(), dataset, 4096)
-    header, offset = receive.spool_header(copied, "DICOM-NODE", "CT1", "ROUTE-ME")
+    spool = Spool(tmp_path / "spool")
+    received_file.stream_received_datasets_to(spool.tmp)
+
+    def received(titles):
+        file = dimse_messages.NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")
+        file.spool_titles = titles  # a test has no DUL thread to find them from
+        _pynetdicom_writes(file, dataset)
+        file.close()
+        return Path(file.name)
+
+    copied = received(None)  # pydicom's File Meta: the handler adds the titles and copies
+    header, offset = received_file.spool_header(copied, "DICOM-NODE", "CT1", "ROUTE-ME")
     expected = header + copied.read_bytes()[offset:]
 
-    spool = Spool(tmp_path / "spool")
-    for chunk in (1, 7, 100_000):  # however pynetdicom splits its writes
-        inner = tempfile.NamedTemporaryFile(dir=spool.tmp, delete=False, mode="wb")  # noqa: SIM115
-        writer = receive._SpoolHeaderWriter(inner, "DICOM-NODE", "CT1", "ROUTE-ME")
-        _pynetdicom_writes(writer, dataset, chunk)
-        writer.close()
-        received = Path(writer.name)
-        assert received.read_bytes() == expected
-        assert receive.spool_header(received, "X", "Y", "Z") == (b"", len(header))
-        entry = spool.adopt_received(received, "k")
-        assert not received.exists() and entry.path.read_bytes() == expected
-        assert entry.path.stat().st_mode & 0o777 == 0o640
-        meta = dcmread(entry.path).file_meta
-        titles = (meta.SourceApplicationEntityTitle, meta.SendingApplicationEntityTitle,
-                  meta.ReceivingApplicationEntityTitle)  # fmt: skip
-        assert titles == ("DICOM-NODE", "CT1", "ROUTE-ME")
+    in_place = received(("DICOM-NODE", "CT1", "ROUTE-ME"))
+    assert in_place.read_bytes() == expected
+    assert received_file.spool_header(in_place, "X", "Y", "Z") == (b"", len(header))
+    entry = spool.adopt_received(in_place, "k")
+    assert not in_place.exists() and entry.path.read_bytes() == expected
+    assert entry.path.stat().st_mode & 0o777 == 0o640
+    meta = dcmread(entry.path).file_meta
+    titles = (meta.SourceApplicationEntityTitle, meta.SendingApplicationEntityTitle,
+              meta.ReceivingApplicationEntityTitle)  # fmt: skip
+    assert titles == ("DICOM-NODE", "CT1", "ROUTE-ME")
+    assert meta.MediaStorageSOPInstanceUID == "1.2.3.4"
+
+
+def test_odd_uids_from_a_sender_take_the_copy_path(tmp_path):
+    """A UID over 64 characters is encoded by pydicom, as before; the titles come later."""
+    received_file.stream_received_datasets_to(tmp_path)
+    file = dimse_messages.NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")
+    file.spool_titles = ("DICOM-NODE", "CT1", "ROUTE-ME")
+    file.write(b"\0" * 128 + b"DICM")
+    dimse_messages.write_file_meta_info(file, dimse_messages.create_file_meta(
+        sop_class_uid=UID("1.2.840.10008.5.1.4.1.1.2"), sop_instance_uid=UID("1." * 40 + "1"),
+        transfer_syntax=UID("1.2.840.10008.1.2.1")))  # fmt: skip
+    file.close()
+    header, _offset = received_file.spool_header(Path(file.name), "DICOM-NODE", "CT1", "X")
+    assert header.endswith(b"X ")  # not there yet: added by the copy path

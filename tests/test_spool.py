@@ -50,7 +50,7 @@ def test_the_spool_header_adds_the_ae_titles_to_pynetdicoms_file_meta(tmp_path):
     from pydicom.filewriter import write_file_meta_info
     from pynetdicom.dsutils import create_file_meta
 
-    from node.receive import spool_header
+    from node.received_file import spool_header
 
     source = dcmread(get_testdata_file("CT_small.dcm", download=False))
     dataset = Path(get_testdata_file("CT_small.dcm", download=False)).read_bytes()
