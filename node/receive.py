@@ -17,7 +17,7 @@ from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import Verification, register_uid, uid_to_service_class
 
 from node import observe as metrics
-from node import received_file
+from node import reactor_wakeups, received_file
 from node.config import Config
 from node.deliver import set_nodelay
 from node.spool import Spool, SpoolEntry
@@ -83,6 +83,7 @@ class StorageSCP:
         pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
         received_file.stream_received_datasets_to(spool.tmp)
         received_file.read_pdus_in_large_reads()
+        reactor_wakeups.wake_reactors_on_work()
         syntaxes = list(receivable_syntaxes())
         for uid in storage_sop_classes():
             ae.add_supported_context(uid, syntaxes)

@@ -126,6 +126,18 @@ def test_silent_sockets_neither_starve_real_senders_nor_stay_open(node_factory):
             sock.close()
 
 
+def test_an_established_association_that_goes_silent_is_ended_after_idle_timeout(node_factory):
+    """The node's reactors wait for work instead of polling (node/reactor_wakeups.py); they
+    must still notice pynetdicom's idle timer on an association where nothing happens."""
+    node = limited_node(node_factory, "{idle_timeout: 1}")
+    assoc = associate(node.port, "CT1", "DICOM-NODE")
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0  # answered at once, not after a poll interval
+    wait_for(lambda: not assoc.is_alive(), 10, "the node to end the idle association")
+    assert not assoc.is_established
+    assert associate(node.port, "CT1", "DICOM-NODE").is_established  # and it still listens
+
+
 def test_beyond_max_associations_the_peer_is_told_to_come_back_later(node_factory):
     node = limited_node(node_factory, "{max_associations: 2}")
     held = [associate(node.port, f"CT{i}", "DICOM-NODE") for i in range(2)]
