@@ -4,6 +4,7 @@ delivered after `give_up_after`, or refused `max_failures` times, goes to the de
 
 A folder destination commits in groups: the files of a batch are placed, each folder is
 fsync'd once, and the queue records them all in one transaction (at most BATCH per commit).
+While instances stream in, it lets them gather for GATHER between rounds.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ log = logging.getLogger("dicom_node.deliver")
 
 BATCH = 32  # deliveries fetched at once; also the look-ahead that shapes a new association
 IDLE_POLL = 1.0  # seconds between queue checks when nothing is due
+GATHER = 0.05  # seconds a folder destination lets work gather after a round that had some:
+# the next round then takes all of it with one fsync per folder and one commit
 
 
 def backoff(policy: RetryPolicy, failures: int) -> float:
@@ -91,6 +94,8 @@ class DestinationWorker:
             return
         if self.session is None:
             self._deliver_to_folder(batch)
+            if len(batch) < BATCH:
+                self._stopping.wait(GATHER)
             return
         for i, d in enumerate(batch):
             if self._stopping.is_set() or not self._deliver(d, batch[i + 1 :]):

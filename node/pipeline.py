@@ -14,7 +14,7 @@ import os
 import queue
 import threading
 import time
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from node.spool import Spool, SpoolEntry
 
 log = logging.getLogger("dicom_node.pipeline")
 
+COMMIT_BATCH = 64  # processed instances made durable and queued together, at most
 RETRY_DELAY = 5.0  # seconds before an entry whose processing failed unexpectedly is retried
 TASKS_PER_WORKER = 200  # recycle workers: pylibjpeg-openjpeg leaks per encode (FIELD-NOTES 3)
 CRASHES_BEFORE_AS_RECEIVED = 2
@@ -59,7 +60,9 @@ class Pipeline:
         self._failures: dict[str, int] = {}
         self._stopping = threading.Event()
         self._executor = self._new_executor()
-        self._enqueue = ThreadPoolExecutor(max_workers=2, thread_name_prefix="enqueue")
+        # Outputs are made durable and queued by one thread, in groups (_commit).
+        self._outcomes: queue.Queue[tuple[ProcessOutcome, Config] | None] = queue.Queue()
+        self._committer = threading.Thread(target=self._commit_loop, name="commit", daemon=True)
         self._thread = threading.Thread(target=self._dispatch, name="dispatch", daemon=True)
         self.queue = DeliveryQueue(spool.root / QUEUE_FILE)
         self._configs: dict[str, Config] = {config.key: config}
@@ -91,6 +94,7 @@ class Pipeline:
         for entry in backlog:
             self.submit(entry)
         self._thread.start()
+        self._committer.start()
         for worker in self.destinations.values():
             worker.start()
         self._started = True
@@ -184,7 +188,8 @@ class Pipeline:
         self._stopping.set()
         self._thread.join(timeout=5)
         self._executor.shutdown(wait=True, cancel_futures=True)
-        self._enqueue.shutdown(wait=True, cancel_futures=True)
+        self._outcomes.put(None)
+        self._committer.join(timeout=30)
         for worker in self.destinations.values():
             worker.stop()
         self.queue.close()
@@ -238,52 +243,95 @@ class Pipeline:
                 self._failures.pop(entry.id, None)
                 reason = f"processing failed {failures} times; last: {type(exc).__name__}: {exc}"
                 outcome = ProcessOutcome(entry, None, None, quarantine_reason=reason)
-                self._enqueue.submit(self._queue_deliveries, outcome, config)
+                self._outcomes.put((outcome, config))
                 return
             log.exception("processing %s failed unexpectedly; will retry", entry.id)
             self._retry_later(entry)
             return
         if not self._stopping.is_set():
-            self._enqueue.submit(self._queue_deliveries, outcome, config)
+            self._outcomes.put((outcome, config))
 
-    def _queue_deliveries(self, outcome: ProcessOutcome, config: Config) -> None:
-        entry = outcome.entry
-        try:
-            if outcome.quarantine_reason is not None:
-                path = self.spool.quarantine(entry, outcome.quarantine_reason)
+    def _commit_loop(self) -> None:
+        """Take what the workers finished, as much as is there (up to COMMIT_BATCH), and commit
+        it as one group: while one group is being fsync'd, the next one gathers."""
+        while True:
+            item = self._outcomes.get()
+            if item is None:
+                return
+            group = [item]
+            while len(group) < COMMIT_BATCH:
+                try:
+                    item = self._outcomes.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._outcomes.put(None)  # stop after this group
+                    break
+                group.append(item)
+            try:
+                self._commit(group)
+            except Exception:  # never let a surprise stop the pipeline; the entries retry
+                log.exception("could not queue %d processed instance(s); will retry", len(group))
+                for outcome, _config in group:
+                    self._retry_later(outcome.entry)
+                    self._finish(outcome.entry)
+
+    def _commit(self, group: list[tuple[ProcessOutcome, Config]]) -> None:
+        """Quarantine what must be; make the other outputs durable (a file fsync each, one
+        fsync of out/), queue their deliveries in one transaction, then wake the
+        destinations. What fails here is retried later; nothing is dropped."""
+        ready: list[tuple[ProcessOutcome, Config]] = []
+        for outcome, config in group:
+            if outcome.quarantine_reason is None:
+                ready.append((outcome, config))
+                continue
+            try:
+                path = self.spool.quarantine(outcome.entry, outcome.quarantine_reason)
                 metrics.QUARANTINED.inc()
                 log.warning("quarantined %s: %s", path, outcome.quarantine_reason)
-                return
-            assert outcome.output is not None
-            output = outcome.output
-            if output != entry.path:
-                output = self.spool.adopt_output(entry, output)
+            except Exception:
+                log.exception("could not quarantine %s; will retry", outcome.entry.id)
+                self._retry_later(outcome.entry)
+            finally:
+                self._finish(outcome.entry)
+        if not ready:
+            return
+        adopted = self.spool.adopt_outputs(
+            [(o.entry, o.output) for o, _ in ready if o.output and o.output != o.entry.path]
+        )
+        rows, queued = [], []
+        for outcome, config in ready:
+            entry = outcome.entry
+            output = adopted.get(entry.id, entry.path)
+            if isinstance(output, OSError):
+                log.error("could not keep the output of %s (%s); will retry", entry.id, output)
+                self._retry_later(entry)
+                self._finish(entry)
+                continue
             deliveries = [
-                NewDelivery(
-                    name,
-                    str(output),
-                    outcome.folder_paths.get(name),
-                    outcome.sop_class,
-                    outcome.syntax_out,
-                )  # fmt: skip
+                NewDelivery(name, str(output), outcome.folder_paths.get(name),
+                            outcome.sop_class, outcome.syntax_out)  # fmt: skip
                 for name in outcome.send_to
             ]
-            adopted = str(output) if output != entry.path else None
-            self.queue.add(entry.id, str(entry.path), adopted, deliveries)
+            rows.append((entry.id, str(entry.path), str(output) if output != entry.path else None,
+                         deliveries))  # fmt: skip
+            queued.append((outcome, config))
+        try:
+            self.queue.add_all(rows)
+        finally:
+            for outcome, _config in queued:
+                self._finish(outcome.entry)
+        woken: set[str] = set()
+        for outcome, config in queued:
             log.info("%s", outcome.summary(), extra={"fields": outcome.fields()})
             rule = outcome.rule or ""
             metrics.PROCESSED.labels(rule, outcome.outcome).inc()
             metrics.RULE_BYTES_IN.labels(rule).inc(outcome.bytes_in)
             metrics.BYTES_OUT.labels(rule).inc(outcome.bytes_out)
             metrics.CODEC_SECONDS.labels(rule).observe(outcome.milliseconds / 1000)
-            for name in outcome.send_to:
+            for name in set(outcome.send_to) - woken:
+                woken.add(name)
                 self._worker(name, config).wake()
-        except Exception:
-            log.exception("could not queue %s; will retry", entry.id)
-            self._retry_later(entry)
-            return
-        finally:
-            self._finish(entry)
 
     def _entry_finished(self, finished: list[FinishedEntry]) -> None:
         """Every destination has them (or dead-lettered a copy): delete their spool files."""

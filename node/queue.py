@@ -110,23 +110,27 @@ class DeliveryQueue:
 
     # --- the dispatcher's side -------------------------------------------------------------
 
-    def add(self, entry: str, incoming: str, output: str | None, items: list[NewDelivery]) -> None:
+    def add_all(self, rows: list[tuple[str, str, str | None, list[NewDelivery]]]) -> None:
+        """Queue each entry (id, incoming file, output file or None) for its deliveries, all
+        in one transaction (one commit, one fsync)."""
         now = time.time()
 
         def add(db):
-            db.execute(
-                "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, 0)", (entry, incoming, output)
-            )
-            db.executemany(
-                "INSERT INTO deliveries (entry, destination, path, relpath, sop_class, syntax,"
-                " enqueued) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (entry, d.destination, d.path, d.relpath, d.sop_class, d.syntax, now)
-                    for d in items
-                ],  # fmt: skip
-            )
+            for entry, incoming, output, items in rows:
+                db.execute(
+                    "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, 0)", (entry, incoming, output)
+                )
+                db.executemany(
+                    "INSERT INTO deliveries (entry, destination, path, relpath, sop_class,"
+                    " syntax, enqueued) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (entry, d.destination, d.path, d.relpath, d.sop_class, d.syntax, now)
+                        for d in items
+                    ],  # fmt: skip
+                )
 
-        self._tx(add)
+        if rows:
+            self._tx(add)
 
     def known_entries(self) -> set[str]:
         with self._lock:
@@ -141,9 +145,6 @@ class DeliveryQueue:
         with self._lock:
             rows = self._db.execute("SELECT entry, incoming, output FROM entries WHERE done = 1")
             return [FinishedEntry(*row) for row in rows]
-
-    def forget(self, entry: str) -> None:
-        self.forget_all([entry])
 
     def forget_all(self, entries: list[str]) -> None:
         self._tx(
@@ -192,12 +193,9 @@ class DeliveryQueue:
             )
         )
 
-    def delivered(self, d: Delivery) -> FinishedEntry | None:
-        """Remove the row; the entry, when this was its last pending delivery."""
-        return self._tx(lambda db: self._settle(db, d, "DELETE FROM deliveries WHERE id = ?", ()))
-
     def delivered_all(self, ds: list[Delivery]) -> list[FinishedEntry]:
-        """`delivered` for several deliveries in one transaction (one commit, one fsync)."""
+        """Remove the rows, in one transaction (one commit, one fsync); the entries whose last
+        pending delivery this was."""
 
         def settle_all(db) -> list[FinishedEntry]:
             settled = (self._settle(db, d, "DELETE FROM deliveries WHERE id = ?", ()) for d in ds)

@@ -262,18 +262,29 @@ class Spool:
     def work_path(self, entry: SpoolEntry, index: int) -> Path:
         return self.work / f"{entry.id}.{index}.dcm"
 
-    def adopt_output(self, entry: SpoolEntry, work_file: Path) -> Path:
-        """Make a transcoder output durable before the queue refers to it."""
-        target = self.out / f"{entry.id}.dcm"
-        fd = os.open(work_file, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(work_file, target)
-        fsync_directory(self.out)
-        self._account(target.stat().st_size)
-        return target
+    def adopt_outputs(self, outputs: list[tuple[SpoolEntry, Path]]) -> dict[str, Path | OSError]:
+        """Make transcoder outputs durable before the queue refers to them (each file
+        fsync'd, renamed into out/, one fsync of out/ for all): per entry id, the output's
+        durable path, or the error that kept it out."""
+        adopted: dict[str, Path | OSError] = {}
+        for entry, work_file in outputs:
+            target = self.out / f"{entry.id}.dcm"
+            try:
+                fd = os.open(work_file, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                    size = os.fstat(fd).st_size
+                finally:
+                    os.close(fd)
+                os.replace(work_file, target)
+            except OSError as exc:
+                adopted[entry.id] = exc
+                continue
+            self._account(size)
+            adopted[entry.id] = target
+        if any(isinstance(path, Path) for path in adopted.values()):
+            fsync_directory(self.out)
+        return adopted
 
     def remove_orphan_outputs(self, referenced: set[str]) -> None:
         """Outputs no queue row refers to (a crash before they were queued)."""
@@ -313,12 +324,9 @@ class Spool:
         self._remove_work(entry)
         return target
 
-    def complete(self, incoming: Path, output: Path | None) -> None:
-        """Every destination has the instance (or dead-lettered it): forget it."""
-        self.complete_all([(incoming, output)])
-
     def complete_all(self, finished: list[tuple[Path, Path | None]]) -> None:
-        """`complete` for several instances, with one fsync of incoming/ for all."""
+        """Every destination has these instances (or dead-lettered them): forget them, with
+        one fsync of incoming/ for all. `finished`: (incoming file, output file or None)."""
         for paths in finished:
             for path in paths:
                 if path is not None and path.exists():

@@ -24,7 +24,7 @@ def test_spool_over_its_maximum_size_refuses_until_entries_complete(tmp_path: Pa
     assert spool.room_problem() is None
     entry = spool.store(meta(), b"\0" * 2000)
     assert "the limit is 1000" in spool.room_problem()
-    spool.complete(entry.path, None)
+    spool.complete_all([(entry.path, None)])
     assert spool.usage == 0 and spool.room_problem() is None
 
 
