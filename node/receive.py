@@ -83,6 +83,7 @@ class StorageSCP:
         pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
         received_file.stream_received_datasets_to(spool.tmp)
         received_file.read_pdus_in_large_reads()
+        received_file.decode_data_pdus_without_copies()
         reactor_wakeups.wake_reactors_on_work()
         syntaxes = list(receivable_syntaxes())
         for uid in storage_sop_classes():

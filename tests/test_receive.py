@@ -109,3 +109,34 @@ def test_odd_uids_from_a_sender_take_the_copy_path(tmp_path):
     file.close()
     header, _offset = received_file.spool_header(Path(file.name), "DICOM-NODE", "CT1", "X")
     assert header.endswith(b"X ")  # not there yet: added by the copy path
+
+
+def test_a_data_pdu_decoded_from_a_memoryview_has_the_same_values(monkeypatch):
+    """decode_data_pdus_without_copies: the PDV values are views, equal to pynetdicom's."""
+    from pynetdicom import _config
+    from pynetdicom.pdu import P_DATA_TF
+
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "none")  # as the node runs without -v
+    from pynetdicom.pdu_primitives import P_DATA
+
+    primitive = P_DATA()
+    primitive.presentation_data_value_list = [[1, b"\x02" + bytes(range(256)) * 300],
+                                              [3, b"\x03" + b"x" * 7]]  # fmt: skip
+    pdu = P_DATA_TF()
+    pdu.from_primitive(primitive)
+    encoded = bytearray(pdu.encode())
+
+    class Assoc:
+        def get_handlers(self, _event):
+            return []
+
+    provider = type("Dul", (), {"assoc": Assoc()})()
+    original, event = received_file._original_decode_pdu(provider, bytearray(encoded))
+    viewed, event_too = received_file._decode_pdu(provider, encoded)
+    assert event == event_too == "Evt10"
+    want = [(i.presentation_context_id, i.presentation_data_value)
+            for i in original.presentation_data_value_items]  # fmt: skip
+    got = [(i.presentation_context_id, bytes(i.presentation_data_value))
+           for i in viewed.presentation_data_value_items]  # fmt: skip
+    assert got == want
+    assert isinstance(viewed.presentation_data_value_items[0].presentation_data_value, memoryview)
