@@ -174,6 +174,8 @@ class Pipeline:
         """Why processing or delivery cannot go on, or None."""
         if not self._thread.is_alive():
             return "the dispatcher thread is not running"
+        if not self._committer.is_alive():
+            return "the thread that queues processed instances is not running"
         dead = [name for name, w in self.destinations.items() if not w.alive()]
         if dead:
             return f"delivery stopped for {', '.join(dead)}"
