@@ -273,18 +273,27 @@ class Pipeline:
                     self._outcomes.put(None)  # stop after this group
                     break
                 group.append(item)
+            settled: set[str] = set()
             try:
-                self._commit(group)
-            except Exception:  # never let a surprise stop the pipeline; the entries retry
-                log.exception("could not queue %d processed instance(s); will retry", len(group))
+                self._commit(group, settled)
+            except Exception:  # never let a surprise stop the pipeline; what is not queued retries
+                log.exception("could not queue processed instance(s); will retry")
                 for outcome, _config in group:
-                    self._retry_later(outcome.entry)
-                    self._finish(outcome.entry)
+                    if outcome.entry.id not in settled:
+                        self._settle(outcome.entry, settled, retry=True)
 
-    def _commit(self, group: list[tuple[ProcessOutcome, Config]]) -> None:
+    def _settle(self, entry: SpoolEntry, settled: set[str], retry: bool = False) -> None:
+        """This entry's group commit is over for it (queued, quarantined, or to be retried)."""
+        settled.add(entry.id)
+        if retry:
+            self._retry_later(entry)
+        self._finish(entry)
+
+    def _commit(self, group: list[tuple[ProcessOutcome, Config]], settled: set[str]) -> None:
         """Quarantine what must be; make the other outputs durable (a file fsync each, one
         fsync of out/), queue their deliveries in one transaction, then wake the
-        destinations. What fails here is retried later; nothing is dropped."""
+        destinations. Each entry is settled once (`settled`): what fails is retried later,
+        nothing is dropped, and nothing already queued is processed twice."""
         ready: list[tuple[ProcessOutcome, Config]] = []
         for outcome, config in group:
             if outcome.quarantine_reason is None:
@@ -294,11 +303,10 @@ class Pipeline:
                 path = self.spool.quarantine(outcome.entry, outcome.quarantine_reason)
                 metrics.QUARANTINED.inc()
                 log.warning("quarantined %s: %s", path, outcome.quarantine_reason)
+                self._settle(outcome.entry, settled)
             except Exception:
                 log.exception("could not quarantine %s; will retry", outcome.entry.id)
-                self._retry_later(outcome.entry)
-            finally:
-                self._finish(outcome.entry)
+                self._settle(outcome.entry, settled, retry=True)
         if not ready:
             return
         adopted = self.spool.adopt_outputs(
@@ -310,8 +318,7 @@ class Pipeline:
             output = adopted.get(entry.id, entry.path)
             if isinstance(output, OSError):
                 log.error("could not keep the output of %s (%s); will retry", entry.id, output)
-                self._retry_later(entry)
-                self._finish(entry)
+                self._settle(entry, settled, retry=True)
                 continue
             deliveries = [
                 NewDelivery(name, str(output), outcome.folder_paths.get(name),
@@ -321,11 +328,9 @@ class Pipeline:
             rows.append((entry.id, str(entry.path), str(output) if output != entry.path else None,
                          deliveries))  # fmt: skip
             queued.append((outcome, config))
-        try:
-            self.queue.add_all(rows)
-        finally:
-            for outcome, _config in queued:
-                self._finish(outcome.entry)
+        self.queue.add_all(rows)  # on failure, the caller retries these (not settled yet)
+        for outcome, _config in queued:
+            self._settle(outcome.entry, settled)
         woken: set[str] = set()
         for outcome, config in queued:
             log.info("%s", outcome.summary(), extra={"fields": outcome.fields()})

@@ -76,16 +76,39 @@ def _dul_sleep(seconds: float) -> None:
     if waiter is None:
         time.sleep(seconds)
         return
-    poller, wake_r = waiter
     if not provider.to_provider_queue.empty():  # after the waiter exists: no lost wake-up
         return
-    for fd, _ in poller.poll(IDLE_WAIT * 1000):
-        if fd == wake_r.fileno():
-            with contextlib.suppress(BlockingIOError):
-                wake_r.recv(4096)
+    waiter.wait(IDLE_WAIT)
 
 
-def _waiter(provider: DULServiceProvider, sock: socket.socket):
+class _Waiter:
+    """One accepted association's DUL thread waits here: its socket, or a wake-up byte that
+    send_pdu writes to a socket pair when there is a primitive to send."""
+
+    def __init__(self, fd: int):
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._poller = select.poll()
+        self._poller.register(fd, select.POLLIN | select.POLLPRI)
+        self._poller.register(self._wake_r, select.POLLIN)
+
+    def wait(self, timeout: float) -> None:
+        for fd, _ in self._poller.poll(timeout * 1000):
+            if fd == self._wake_r.fileno():
+                with contextlib.suppress(BlockingIOError):
+                    self._wake_r.recv(4096)
+
+    def wake(self) -> None:
+        with contextlib.suppress(OSError):  # full (it is woken anyway) or closed
+            self._wake_w.send(b"\0")
+
+    def close(self) -> None:
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+def _waiter(provider: DULServiceProvider, sock: socket.socket) -> _Waiter | None:
     waiter = provider.__dict__.get("_node_waiter")
     if waiter is not None:
         return waiter
@@ -93,28 +116,16 @@ def _waiter(provider: DULServiceProvider, sock: socket.socket):
         fd = sock.fileno()
         if fd < 0:
             return None
-        wake_r, wake_w = socket.socketpair()
+        waiter = _Waiter(fd)
     except OSError:
         return None
-    wake_r.setblocking(False)
-    wake_w.setblocking(False)
-    poller = select.poll()
-    poller.register(fd, select.POLLIN | select.POLLPRI)
-    poller.register(wake_r, select.POLLIN)
-    provider._node_wake = wake_w  # type: ignore[attr-defined]
-    provider._node_waiter = (poller, wake_r)  # type: ignore[attr-defined]
-    weakref.finalize(provider, _close, wake_r, wake_w)
-    return poller, wake_r
-
-
-def _close(*sockets: socket.socket) -> None:
-    for s in sockets:
-        s.close()
+    provider._node_waiter = waiter  # type: ignore[attr-defined]
+    weakref.finalize(provider, waiter.close)
+    return waiter
 
 
 def _send_pdu(self: DULServiceProvider, primitive: Any) -> None:
     _original_send_pdu(self, primitive)
-    wake = self.__dict__.get("_node_wake")
-    if wake is not None:
-        with contextlib.suppress(OSError):  # full (it is woken anyway) or closed
-            wake.send(b"\0")
+    waiter = self.__dict__.get("_node_waiter")
+    if waiter is not None:
+        waiter.wake()

@@ -186,9 +186,11 @@ class StorageSCP:
             received = Path(event.dataset_path)  # pynetdicom's file: its meta, then the dataset
             # The title the sender called (rules may route on it), not necessarily ours.
             called = event.assoc.requestor.primitive.called_ae_title.strip()
-            header, offset = received_file.spool_header(
-                received, config.node.ae_title, calling, called
-            )
+            offset, header = received_file.written_in_place(event.request), b""
+            if offset is None:
+                header, offset = received_file.spool_header(
+                    received, config.node.ae_title, calling, called
+                )
             size = received.stat().st_size - offset
             if size > config.limits.max_instance_size:
                 return _refused(calling, f"{size} bytes, above limits.max_instance_size")

@@ -123,9 +123,10 @@ class _ReceivedMeta(NamedTuple):
 
 
 def _write_file_meta(fp: Any, meta: _ReceivedMeta) -> None:
-    """pynetdicom's write_file_meta_info(fp, create_file_meta(...)) with the AE titles added.
-    UIDs that are not plain (a sender's odd values) go through pydicom as before, and the
-    handler adds the titles (spool_header)."""
+    """pynetdicom's write_file_meta_info(fp, create_file_meta(...)) with the AE titles added;
+    the file is told where its dataset starts (dataset_offset), so the handler need not read
+    the header again. UIDs that are not plain (a sender's odd values) go through pydicom as
+    before, and the handler adds the titles (spool_header)."""
     titles = getattr(fp, "spool_titles", None)
     if titles is None or not all(_plain(uid) for uid in meta):
         write_file_meta_info(fp, create_file_meta(**meta._asdict()))
@@ -141,7 +142,15 @@ def _write_file_meta(fp: Any, meta: _ReceivedMeta) -> None:
             _ae_titles(*titles),
         )
     )
-    fp.write(_element(0x0000, b"UL", struct.pack("<I", len(group))) + group)
+    meta_group = _element(0x0000, b"UL", struct.pack("<I", len(group))) + group
+    fp.write(meta_group)
+    fp.spool_dataset_offset = 132 + len(meta_group)  # after the preamble and "DICM"
+
+
+def written_in_place(request: Any) -> int | None:
+    """Where the dataset starts in the file a C-STORE request was received into, when that
+    file already has the spool's header (_write_file_meta wrote it); else None."""
+    return getattr(getattr(request, "_dataset_file", None), "spool_dataset_offset", None)
 
 
 def _plain(uid: str) -> bool:

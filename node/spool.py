@@ -98,6 +98,20 @@ def link_into(path: Path, durable_source: Path) -> bool:
     return True
 
 
+def _fsync_and_rename(source: Path, target: Path, mode: int | None = None) -> int:
+    """fsync `source` (after setting `mode`, if given) and rename it to `target`; its size."""
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        if mode is not None:
+            os.fchmod(fd, mode)
+        os.fsync(fd)
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    os.replace(source, target)
+    return size
+
+
 def _copy(source: Path, offset: int, fd: int) -> int:
     """Append `source` from `offset` to `fd`; a large file is fdatasync'd every SYNC_EVERY
     bytes so other fsyncs (small instances' acks) do not queue behind a gigabyte."""
@@ -213,16 +227,9 @@ class Spool:
         if received.parent != self.tmp:
             return self._store(b"", received, 0, config_key)
         path = self._incoming_path(config_key)
-        fd = os.open(received, os.O_RDONLY)
-        try:
-            os.fchmod(fd, 0o640)  # as write_durably's files, not the temporary file's 0600
-            os.fsync(fd)
-            size = os.fstat(fd).st_size
-        finally:
-            os.close(fd)
-        os.replace(received, path)
+        # 0o640 as write_durably's files, not the temporary file's 0600
+        self._account(_fsync_and_rename(received, path, mode=0o640))
         fsync_directory(self.incoming)
-        self._account(size)
         return SpoolEntry(path)
 
     def _store(self, head: bytes, source: Path | None, offset: int, config_key: str) -> SpoolEntry:
@@ -270,13 +277,7 @@ class Spool:
         for entry, work_file in outputs:
             target = self.out / f"{entry.id}.dcm"
             try:
-                fd = os.open(work_file, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                    size = os.fstat(fd).st_size
-                finally:
-                    os.close(fd)
-                os.replace(work_file, target)
+                size = _fsync_and_rename(work_file, target)
             except OSError as exc:
                 adopted[entry.id] = exc
                 continue
@@ -303,10 +304,12 @@ class Spool:
         write_durably(folder / f"{entry}.reason.txt", self.tmp, _stamped(reason))
         if not target.exists():
             try:
-                os.link(source, self.tmp / target.name)
-                os.replace(self.tmp / target.name, target)
-                fsync_directory(folder)
+                linked = link_into(target, source)
             except OSError:
+                linked = False
+            if linked:
+                fsync_directory(folder)
+            else:
                 write_durably(target, self.tmp, source=source)
         return target
 
@@ -329,9 +332,14 @@ class Spool:
         one fsync of incoming/ for all. `finished`: (incoming file, output file or None)."""
         for paths in finished:
             for path in paths:
-                if path is not None and path.exists():
-                    self._account(-path.stat().st_size)
-                    path.unlink(missing_ok=True)
+                if path is None:
+                    continue
+                try:
+                    size = path.stat().st_size
+                except FileNotFoundError:
+                    continue
+                path.unlink(missing_ok=True)
+                self._account(-size)
         fsync_directory(self.incoming)
 
     def _remove_work(self, entry: SpoolEntry) -> None:

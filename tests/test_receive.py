@@ -73,11 +73,14 @@ def test_the_received_file_has_the_spool_header_and_is_renamed_not_copied(tmp_pa
     spool = Spool(tmp_path / "spool")
     received_file.stream_received_datasets_to(spool.tmp)
 
+    files = []
+
     def received(titles):
         file = dimse_messages.NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")
         file.spool_titles = titles  # a test has no DUL thread to find them from
         _pynetdicom_writes(file, dataset)
         file.close()
+        files.append(file)
         return Path(file.name)
 
     copied = received(None)  # pydicom's File Meta: the handler adds the titles and copies
@@ -87,6 +90,11 @@ def test_the_received_file_has_the_spool_header_and_is_renamed_not_copied(tmp_pa
     in_place = received(("DICOM-NODE", "CT1", "ROUTE-ME"))
     assert in_place.read_bytes() == expected
     assert received_file.spool_header(in_place, "X", "Y", "Z") == (b"", len(header))
+    def request(file):  # what the handler gets: the C-STORE primitive, with pynetdicom's file
+        return type("Request", (), {"_dataset_file": file})()
+
+    assert received_file.written_in_place(request(files[-1])) == len(header)
+    assert received_file.written_in_place(request(files[0])) is None  # the copy path
     entry = spool.adopt_received(in_place, "k")
     assert not in_place.exists() and entry.path.read_bytes() == expected
     assert entry.path.stat().st_mode & 0o777 == 0o640

@@ -1,0 +1,69 @@
+"""The pipeline's group commit, driven without workers or a network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from node.config import parse_config
+from node.pipeline import Pipeline
+from node.process import ProcessOutcome
+from node.spool import Spool, SpoolEntry
+
+CONFIG = """\
+node: {spool: ./spool}
+destinations: {archive: {type: folder, path: ./archive}}
+rules: [{name: r, send_to: [archive]}]
+"""
+
+
+@pytest.fixture
+def pipeline(tmp_path: Path, monkeypatch):
+    config = parse_config(CONFIG, "node.yaml", tmp_path)
+    pipe = Pipeline(config, Spool(tmp_path / "spool"))
+    retried: list[str] = []
+    monkeypatch.setattr(pipe, "_retry_later", lambda entry: retried.append(entry.id))
+    pipe.retried = retried
+    yield pipe
+    pipe._executor.shutdown(wait=False)
+    pipe.queue.close()
+
+
+def outcome(pipe: Pipeline, name: str, quarantine: str | None = None) -> ProcessOutcome:
+    path = pipe.spool.incoming / f"{name}.dcm"
+    path.write_bytes(b"DICM")
+    entry = SpoolEntry(path)
+    pipe._in_flight.add(entry.id)
+    if quarantine:
+        return ProcessOutcome(entry, None, None, quarantine_reason=quarantine)
+    return ProcessOutcome(entry, "r", path, send_to=("archive",), folder_paths={"archive": "x"})
+
+
+def commit(pipe: Pipeline, outcomes: list[ProcessOutcome]) -> None:
+    for o in outcomes:
+        pipe._outcomes.put((o, pipe.config))
+    pipe._outcomes.put(None)
+    pipe._commit_loop()  # runs the group, then stops at the sentinel
+
+
+def test_a_failed_queue_commit_retries_what_it_did_not_queue(pipeline, monkeypatch):
+    def broken(_rows):
+        raise OSError("database or disk is full")
+
+    monkeypatch.setattr(pipeline.queue, "add_all", broken)
+    commit(pipeline, [outcome(pipeline, "a"), outcome(pipeline, "b"),
+                      outcome(pipeline, "q", quarantine="no rule matched")])  # fmt: skip
+    assert sorted(pipeline.retried) == ["a", "b"]  # the quarantined one is done, not retried
+    assert pipeline.idle()
+
+
+def test_a_failure_after_the_queue_commit_processes_nothing_twice(pipeline, monkeypatch):
+    def broken_wake(*_args):
+        raise RuntimeError("surprise after the commit")
+
+    monkeypatch.setattr(pipeline, "_worker", broken_wake)
+    commit(pipeline, [outcome(pipeline, "a"), outcome(pipeline, "b")])
+    assert pipeline.retried == []  # both are queued: a retry would deliver them twice
+    assert pipeline.queue.known_entries() == {"a", "b"}
+    assert pipeline.idle()
