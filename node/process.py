@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.filewriter import dcmwrite
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from node.config import Config, FolderDestination
 from node.deliver import layout_path
+from node.output_file import write_output
 from node.route import Arrival, select_rule
 from node.spool import SpoolEntry
 from node.syntaxes import Target, TranscodeSpec, syntax_name
@@ -123,7 +123,7 @@ def process_entry(
     if result.dataset is not None:
         tmp = work_path.with_suffix(".part")
         try:
-            dcmwrite(tmp, result.dataset, enforce_file_format=True)
+            write_output(tmp, result.dataset, ds, entry.path)
         except Exception as exc:  # e.g. hostile elements pydicom refuses to write: as received
             tmp.unlink(missing_ok=True)
             notes += (f"the output could not be written ({type(exc).__name__}: {exc}); "

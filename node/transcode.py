@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.encaps import encapsulate
 from pydicom.multival import MultiValue
@@ -326,7 +327,11 @@ def _header_copy(ds: Dataset) -> Dataset:
         if tag in _PIXEL_TAGS:
             continue
         elem = ds.get_item(tag, keep_deferred=True)  # raw stays raw, deferred stays on disk
-        out[tag] = copy.deepcopy(elem) if big_endian else copy.copy(elem)
+        if big_endian:
+            elem = copy.deepcopy(elem)
+        elif not isinstance(elem, RawDataElement):  # raw ones are immutable tuples: shared
+            elem = copy.copy(elem)
+        out[tag] = elem
     out.set_original_encoding(*ds.original_encoding[:2], ds.original_character_set)
     if big_endian:
         _swap_raw_values(out)
