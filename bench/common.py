@@ -209,12 +209,13 @@ class Node:
         self.log = log
         self.port = free_ports(1)[0]
         self.proc: subprocess.Popen | None = None
+        self.program = NODE  # bench/node_cpu.py runs another checkout's as well
         folder.mkdir(parents=True)
         self.config = folder / "node.yaml"
         self.config.write_text(render(self.port))
 
     def start(self) -> None:
-        argv = [str(NODE), "serve", "-c", str(self.config)]
+        argv = [str(self.program), "serve", "-c", str(self.config)]
         self.proc = self.procs.start(argv, self.log, cwd=self.folder)
         deadline = time.monotonic() + START_TIMEOUT
         while True:

@@ -6,6 +6,7 @@ import socket
 import threading
 from pathlib import Path
 
+import pytest
 from pydicom.uid import UID
 from pynetdicom import dimse_messages
 from pynetdicom.transport import AssociationSocket
@@ -21,9 +22,10 @@ def _socket_pair() -> tuple[AssociationSocket, socket.socket]:
     return wrapped, theirs
 
 
-def test_a_pdu_sent_in_many_pieces_is_read_whole_and_exactly():
+@pytest.mark.parametrize("size", [1 << 20, (3 << 20) + 1])  # one read's worth; the buffer grows
+def test_a_pdu_sent_in_many_pieces_is_read_whole_and_exactly(size):
     wrapped, peer = _socket_pair()
-    payload = bytes(range(256)) * 4096  # 1 MiB, more than one read
+    payload = (bytes(range(256)) * (size // 256 + 1))[:size]
     tail = b"next PDU"
 
     def send():
