@@ -24,13 +24,23 @@ class _HandshakeLoggingSocket(ssl.SSLSocket):
         try:
             return super().recv(*args, **kwargs)
         except ssl.SSLError as exc:
-            try:
-                peer = self.getpeername()[0]
-            except OSError:
-                peer = "?"
-            log.warning("TLS with %s failed: %s", peer, exc.reason or exc)
-            metrics.REJECTED_ASSOCIATIONS.labels("tls").inc()
+            self._report(exc)
             raise
+
+    def recv_into(self, *args, **kwargs):  # how the node reads PDUs (received_file)
+        try:
+            return super().recv_into(*args, **kwargs)
+        except ssl.SSLError as exc:
+            self._report(exc)
+            raise
+
+    def _report(self, exc: ssl.SSLError) -> None:
+        try:
+            peer = self.getpeername()[0]
+        except OSError:
+            peer = "?"
+        log.warning("TLS with %s failed: %s", peer, exc.reason or exc)
+        metrics.REJECTED_ASSOCIATIONS.labels("tls").inc()
 
 
 class _ServerContext(ssl.SSLContext):
