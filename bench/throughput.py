@@ -63,8 +63,9 @@ Codec-only ceilings, measured in the same run on the same images, held in memory
 os.cpu_count() worker processes (ProcessPoolExecutor, spawn; warmed up before the clock):
   verified     per image the node's own codec step: pydicom.dcmread(BytesIO(bytes)),
                node.transcode.transcode(ds, TranscodeSpec(parse_target(NAME))), which decodes,
-               encodes every frame and decodes it again to compare (bit-exact), then
-               save_as(BytesIO, enforce_file_format=True). node/ceiling compares with this.
+               encodes every frame and decodes it again to compare (bit-exact); the output
+               is not serialised (the node's worker splices it into a file: the node's cost,
+               not the codec step's). node/ceiling compares with this.
   encode only  pydicom's get_encoder(uid).encode(arr, encoding_plugin=..., **as_pixel_options)
                on pre-decoded arrays, the same plugins as the node (pyjpegls, pylibjpeg-openjpeg,
                pylibjpeg-rle); HTJ2K: imagecodecs.htj2k_encode(arr, level=0) (OpenJPH). The gap
@@ -720,9 +721,9 @@ def _ceiling_task(index: int) -> tuple[str, int]:
         result = _W["transcode"](ds, _W["spec"])
         if result.dataset is None:
             return f"{result.outcome}: {'; '.join(result.notes)}", 0
-        out = io.BytesIO()
-        result.dataset.save_as(out, enforce_file_format=True)
-        return "ok", out.tell()
+        # Not serialised: the node's worker writes by splicing the received bytes
+        # (node/output_file.py), so that is the node's cost, not the codec step's.
+        return "ok", len(result.dataset.PixelData)
     arr, opts = _W["items"][index]
     return "ok", len(_W["encode"](arr, opts))
 
