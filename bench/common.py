@@ -203,13 +203,20 @@ class Orthanc:
 class Node:
     """`dicom-node serve -c FOLDER/node.yaml`; `render(port)` gives the YAML."""
 
-    def __init__(self, procs: Processes, folder: Path, log: Path, render: Callable[[int], str]):
+    def __init__(
+        self,
+        procs: Processes,
+        folder: Path,
+        log: Path,
+        render: Callable[[int], str],
+        program: Path = NODE,  # bench/node_cpu.py runs another checkout's as well
+    ):
         self.procs = procs
+        self.program = program
         self.folder = folder
         self.log = log
         self.port = free_ports(1)[0]
         self.proc: subprocess.Popen | None = None
-        self.program = NODE  # bench/node_cpu.py runs another checkout's as well
         folder.mkdir(parents=True)
         self.config = folder / "node.yaml"
         self.config.write_text(render(self.port))

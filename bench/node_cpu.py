@@ -19,7 +19,6 @@ single runs.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import sys
@@ -29,9 +28,19 @@ from pathlib import Path
 
 import common
 from common import POLL, BenchError, Node, Processes, Sender
-from throughput import CT, MR, STORESCU_OPTIONS, archive_files, make_corpus
+from throughput import (
+    CLOCK_TICKS,
+    CPU,
+    CT,
+    MR,
+    STORESCU_OPTIONS,
+    archive_files,
+    machine_busy_ticks,
+    make_corpus,
+    process_ticks,
+    tree_pids,
+)
 
-HZ = os.sysconf("SC_CLK_TCK")
 CONFIG = """\
 node: {{ae_title: {aet}, host: 127.0.0.1, port: {port}, spool: ./spool, workers: 0}}
 destinations:
@@ -51,35 +60,17 @@ class Result:
     busy: float
 
 
-def _stat(pid: int) -> list[str]:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-
-
 def cpu_ticks(root: int) -> tuple[int, int]:
-    """(receiving process, its children: live ones plus those it has reaped)."""
-    own = _stat(root)
-    children = int(own[13]) + int(own[14])
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                fields = _stat(int(name))
-            except OSError:
-                continue
-            if int(fields[1]) == root:
-                children += int(fields[11]) + int(fields[12])
-    return int(own[11]) + int(own[12]), children
-
-
-def machine_ticks() -> tuple[int, int]:
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return sum(values) - values[3] - values[4], sum(values)  # busy (not idle, not iowait), all
+    """(receiving process, its codec workers: live ones plus those it has reaped)."""
+    own, reaped = process_ticks(root)
+    return own, reaped + sum(sum(process_ticks(pid)) for pid in tree_pids(root) if pid != root)
 
 
 def one_run(tree: Path, label: str, args, corpus, procs: Processes, work: Path) -> Result:
     folder = work / f"{label}-{time.monotonic_ns()}"
     node = Node(procs, folder, folder.with_suffix(".log"),
-                lambda port: CONFIG.format(aet=common.NODE_AET, port=port, syntax=args.syntax))
-    node.program = tree / ".venv" / "bin" / "dicom-node"
+                lambda port: CONFIG.format(aet=common.NODE_AET, port=port, syntax=args.syntax),
+                tree / ".venv" / "bin" / "dicom-node")  # fmt: skip
     node.start()
     try:
         archive = folder / "archive"
@@ -93,7 +84,7 @@ def one_run(tree: Path, label: str, args, corpus, procs: Processes, work: Path) 
         wait_until(lambda: stored() >= len(corpus.warmups), 120, "the warm-up")
         time.sleep(1.0)  # workers idle again
         assert node.proc is not None
-        before, busy_before = cpu_ticks(node.proc.pid), machine_ticks()
+        before, busy_before = cpu_ticks(node.proc.pid), machine_busy_ticks()
         files, n = corpus.files, len(corpus.files)
         started = time.monotonic()
         senders = [
@@ -105,13 +96,13 @@ def one_run(tree: Path, label: str, args, corpus, procs: Processes, work: Path) 
         ack = max(s.wait(600) for s in senders)
         wait_until(lambda: stored() >= len(corpus.warmups) + n, 600, "the archive")
         seconds = time.monotonic() - started
-        after, busy_after = cpu_ticks(node.proc.pid), machine_ticks()
+        after, busy_after = cpu_ticks(node.proc.pid), machine_busy_ticks()
     finally:
         node.stop()
-    ms = 1000 / HZ / n
+    ms = 1000 / CLOCK_TICKS / n
     return Result(
         label, n / seconds, ack, (after[0] - before[0]) * ms, (after[1] - before[1]) * ms,
-        (busy_after[0] - busy_before[0]) / max(1, busy_after[1] - busy_before[1]),
+        (busy_after - busy_before) / (seconds * CLOCK_TICKS * CPU),
     )  # fmt: skip
 
 

@@ -254,17 +254,22 @@ def rss_of(pid: int) -> int:
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _cpu_ticks(pid: int) -> int:
-    """utime + stime + cutime + cstime of one process (its reaped children included)."""
+def process_ticks(pid: int) -> tuple[int, int]:
+    """(utime + stime, cutime + cstime) of one process: its own CPU, its reaped children's."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
-        return 0
-    return sum(int(v) for v in fields[11:15])  # fields 14-17 of proc(5)
+        return 0, 0
+    return int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])  # proc(5) 14-17
 
 
-def _machine_busy_ticks() -> int:
+def _cpu_ticks(pid: int) -> int:
+    """One process's CPU, its reaped children's included."""
+    return sum(process_ticks(pid))
+
+
+def machine_busy_ticks() -> int:
     with open("/proc/stat") as f:
         values = [int(v) for v in f.readline().split()[1:]]
     user, nice, system, _idle, _iowait, irq, softirq = values[:7]
@@ -281,7 +286,7 @@ class OtherLoad:
     @staticmethod
     def _snapshot() -> tuple[float, int, int]:
         ours = sum(_cpu_ticks(pid) for pid in tree_pids(os.getpid()))
-        return time.monotonic(), _machine_busy_ticks(), ours
+        return time.monotonic(), machine_busy_ticks(), ours
 
     def share(self) -> float:
         t0, busy0, ours0 = self._start
@@ -1437,7 +1442,7 @@ def print_report(
           "CountInstances); MB/s: uncompressed pixels;")  # fmt: skip
     print("ratio: input file bytes / stored bytes; ack s: storescu had every acknowledgement; "
           "RSS: peak of the process tree (node: main + codec workers);")  # fmt: skip
-    print("ceiling: the node's codec step (decode, encode, verify, write to memory) on all "
+    print("ceiling: the node's codec step (decode, encode, verify; not serialised) on all "
           f"{CPU} cores; enc-only: the encoder alone on decoded arrays.")  # fmt: skip
     for corpus in corpora:
         n = len(corpus.files)

@@ -19,8 +19,9 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import dcmwrite, write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian
 
+from node.transcode import PIXEL_TAGS
+
 PIXEL_DATA = 0x7FE00010
-_PIXEL_TAGS = (0x7FE00001, 0x7FE00002, PIXEL_DATA)
 _META_START = b"DICM\x02\x00\x00\x00UL\x04\x00"  # preamble end, (0002,0000) UL 4
 _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 
@@ -92,7 +93,7 @@ def _known_length(elem: DataElement | RawDataElement, default: int) -> int:
 def _same_header(received: Dataset, out: Dataset) -> bool:
     """Every element but the pixel ones is the same in both, and no group length would have to
     change with the Pixel Data's length."""
-    tags = [t for t in received.keys() if t not in _PIXEL_TAGS]  # noqa: SIM118 - no loading
+    tags = [t for t in received.keys() if t not in PIXEL_TAGS]  # noqa: SIM118 - no loading
     if len(tags) != len(out) - 1 or PIXEL_DATA not in out or 0x7FE00000 in received:
         return False
     for tag in tags:

@@ -35,7 +35,7 @@ from pynetdicom.dsutils import create_file_meta
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket
 
-LARGEST_READ = 1 << 20  # bytes per recv(): a lying PDU length costs nothing until bytes arrive
+LARGEST_READ = 1 << 20  # a PDU's first buffer; it doubles as bytes arrive, never ahead of them
 
 
 def read_pdus_in_large_reads() -> None:
@@ -53,9 +53,9 @@ def read_pdus_in_large_reads() -> None:
         got = 0
         while got < nr_bytes:
             if got == len(buffer):  # a PDU above LARGEST_READ: room for what may come next
-                buffer.extend(bytes(min(nr_bytes - got, len(buffer))))
-            with memoryview(buffer) as free:
-                count = sock.recv_into(free[got:], min(nr_bytes, len(buffer)) - got)
+                buffer.extend(bytes(min(nr_bytes - got, got)))
+            with memoryview(buffer) as view:
+                count = sock.recv_into(view[got:])
             if not count:
                 del buffer[got:]
                 break

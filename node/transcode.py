@@ -52,7 +52,7 @@ from node.syntaxes import (
 _PLUGIN = {"1.2.840.10008.1.2.5": "pylibjpeg", "1.2.840.10008.1.2.4.80": "pyjpegls",
            "1.2.840.10008.1.2.4.81": "pyjpegls", "1.2.840.10008.1.2.4.90": "pylibjpeg",
            "1.2.840.10008.1.2.4.91": "pylibjpeg"}  # fmt: skip
-_PIXEL_TAGS = (0x7FE00001, 0x7FE00002, 0x7FE00010)  # Extended Offset Table (+ lengths), Pixel Data
+PIXEL_TAGS = (0x7FE00001, 0x7FE00002, 0x7FE00010)  # Extended Offset Table (+ lengths), Pixel Data
 _RAW_VRS = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
 IMPLEMENTATION_VERSION = "DICOM_NODE_01"
 
@@ -324,7 +324,7 @@ def _header_copy(ds: Dataset) -> Dataset:
         getattr(ds, "filename", None) or "", Dataset(), file_meta=copy.deepcopy(ds.file_meta)
     )
     for tag in ds.keys():  # noqa: SIM118 - iterating ds itself loads deferred values
-        if tag in _PIXEL_TAGS:
+        if tag in PIXEL_TAGS:
             continue
         elem = ds.get_item(tag, keep_deferred=True)  # raw stays raw, deferred stays on disk
         if big_endian:
