@@ -16,8 +16,8 @@ from pynetdicom import AE, evt
 from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import Verification, register_uid, uid_to_service_class
 
+from node import c_store, reactor_wakeups, received_file
 from node import observe as metrics
-from node import reactor_wakeups, received_file
 from node.config import Config
 from node.deliver import set_nodelay
 from node.spool import Spool, SpoolEntry
@@ -85,6 +85,7 @@ class StorageSCP:
         received_file.read_pdus_in_large_reads()
         received_file.decode_data_pdus_without_copies()
         reactor_wakeups.wake_reactors_on_work()
+        c_store.serve_c_store_requests(ae, self, spool.tmp)
         syntaxes = list(receivable_syntaxes())
         for uid in storage_sop_classes():
             ae.add_supported_context(uid, syntaxes)
@@ -167,39 +168,49 @@ class StorageSCP:
                 return
             log.warning("rejected association from %s (%s): %d associations running, "
                         "limits.max_associations", calling, address, busy)  # fmt: skip
+            # counted first: once the A-ASSOCIATE-RJ has left, anyone may look at the metric
+            metrics.REJECTED_ASSOCIATIONS.labels("max-associations").inc()
             # rejected-transient, by the service provider (presentation), local limit exceeded
             _reject(event.assoc, 0x02, 0x03, 0x02)
-            metrics.REJECTED_ASSOCIATIONS.labels("max-associations").inc()
             return
         kind, reason, why = refusal
         log.warning("rejected association from %s (%s) to %s: %s", calling, address, called, why)
-        _reject(event.assoc, 0x01, 0x01, reason)
         metrics.REJECTED_ASSOCIATIONS.labels(kind).inc()
+        _reject(event.assoc, 0x01, 0x01, reason)
 
     def _on_store(self, event) -> int:
+        """A C-STORE pynetdicom served (c_store serves the others itself)."""
+        requestor = event.assoc.requestor
+        return self.store_received(
+            Path(event.dataset_path),  # pynetdicom's file: its meta, then the dataset
+            received_file.written_in_place(event.request),
+            requestor.ae_title.strip(),
+            # The title the sender called (rules may route on it), not necessarily ours.
+            requestor.primitive.called_ae_title.strip(),
+        )
+
+    def store_received(self, received: Path, offset: int | None, calling: str, called: str) -> int:
+        """Spool a received file (a Part 10 header, then the dataset from `offset` on; None:
+        pynetdicom's header without the AE titles); the C-STORE status to answer."""
         config = self.config  # one configuration for the whole request, whatever reloads do
-        calling = event.assoc.requestor.ae_title.strip()
         problem = self.spool.room_problem()
         if problem:  # the sender may retry later; never Success without storage
-            return _refused(calling, problem)
+            return self.refuse(calling, problem)
         try:
-            received = Path(event.dataset_path)  # pynetdicom's file: its meta, then the dataset
-            # The title the sender called (rules may route on it), not necessarily ours.
-            called = event.assoc.requestor.primitive.called_ae_title.strip()
-            offset, header = received_file.written_in_place(event.request), b""
+            header = b""
             if offset is None:
                 header, offset = received_file.spool_header(
                     received, config.node.ae_title, calling, called
                 )
             size = received.stat().st_size - offset
             if size > config.limits.max_instance_size:
-                return _refused(calling, f"{size} bytes, above limits.max_instance_size")
+                return self.refuse(calling, f"{size} bytes, above limits.max_instance_size")
             if header:
                 entry = self.spool.store_file(header, received, offset, config.key)
             else:  # already the spool's file: renamed, not copied
                 entry = self.spool.adopt_received(received, config.key)
         except OSError as exc:
-            return _refused(calling, f"cannot spool it: {exc}")
+            return self.refuse(calling, f"cannot spool it: {exc}")
         except Exception as exc:  # a request so malformed it cannot even be framed
             log.error("cannot understand a C-STORE from %s: %s", calling, exc)
             metrics.REFUSED.labels("0xC000").inc()
@@ -209,9 +220,9 @@ class StorageSCP:
         self.on_stored(entry)
         return STATUS_SUCCESS
 
-
-def _refused(calling: str, why: str) -> int:
-    """0xA700 Out of Resources: the sender may try again later; logged and counted."""
-    log.error("refused an instance from %s with 0xA700: %s", calling, why)
-    metrics.REFUSED.labels("0xA700").inc()
-    return STATUS_OUT_OF_RESOURCES
+    @staticmethod
+    def refuse(calling: str, why: str) -> int:
+        """0xA700 Out of Resources: the sender may try again later; logged and counted."""
+        log.error("refused an instance from %s with 0xA700: %s", calling, why)
+        metrics.REFUSED.labels("0xA700").inc()
+        return STATUS_OUT_OF_RESOURCES

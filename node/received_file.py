@@ -136,23 +136,31 @@ def _write_file_meta(fp: Any, meta: _ReceivedMeta) -> None:
     the header again. UIDs that are not plain (a sender's odd values) go through pydicom as
     before, and the handler adds the titles (spool_header)."""
     titles = getattr(fp, "spool_titles", None)
-    if titles is None or not all(_plain(uid) for uid in meta):
+    if titles is None or not plain_uids(*meta):
         write_file_meta_info(fp, create_file_meta(**meta._asdict()))
         return
+    meta_group = file_meta(meta.sop_class_uid, meta.sop_instance_uid, meta.transfer_syntax, titles)
+    fp.write(meta_group)
+    fp.spool_dataset_offset = 132 + len(meta_group)  # after the preamble and "DICM"
+
+
+def file_meta(
+    sop_class: str, sop_instance: str, transfer_syntax: str, titles: tuple[str, str, str]
+) -> bytes:
+    """The spool's File Meta Information group, group length first, as pydicom would write
+    pynetdicom's, plus the AE titles (node, calling, called). The UIDs must be plain_uids."""
     group = b"".join(
         (
             _element(0x0001, b"OB", b"\x00\x01"),
-            _element(0x0002, b"UI", meta.sop_class_uid.encode()),
-            _element(0x0003, b"UI", meta.sop_instance_uid.encode()),
-            _element(0x0010, b"UI", meta.transfer_syntax.encode()),
+            _element(0x0002, b"UI", sop_class.encode()),
+            _element(0x0003, b"UI", sop_instance.encode()),
+            _element(0x0010, b"UI", transfer_syntax.encode()),
             _element(0x0012, b"UI", PYNETDICOM_IMPLEMENTATION_UID.encode()),
             _element(0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode()),
             _ae_titles(*titles),
         )
     )
-    meta_group = _element(0x0000, b"UL", struct.pack("<I", len(group))) + group
-    fp.write(meta_group)
-    fp.spool_dataset_offset = 132 + len(meta_group)  # after the preamble and "DICM"
+    return _element(0x0000, b"UL", struct.pack("<I", len(group))) + group
 
 
 def written_in_place(request: Any) -> int | None:
@@ -161,8 +169,9 @@ def written_in_place(request: Any) -> int | None:
     return getattr(getattr(request, "_dataset_file", None), "spool_dataset_offset", None)
 
 
-def _plain(uid: str) -> bool:
-    return isinstance(uid, str) and len(uid) <= 64 and uid.isascii()
+def plain_uids(*uids: str) -> bool:
+    """UIDs file_meta can write as they are (pydicom handles the others)."""
+    return all(isinstance(uid, str) and len(uid) <= 64 and uid.isascii() for uid in uids)
 
 
 def _element(element: int, vr: bytes, value: bytes) -> bytes:
