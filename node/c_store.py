@@ -55,9 +55,7 @@ _original_read_pdu_data = DULServiceProvider._read_pdu_data
 class Storer(Protocol):
     """What the node does with a received file (receive.StorageSCP)."""
 
-    def store_received(
-        self, received: Path, offset: int | None, calling: str, called: str
-    ) -> int: ...
+    def store_received(self, received: Path, offset: int, calling: str) -> int: ...
 
     def refuse(self, calling: str, why: str) -> int: ...
 
@@ -320,13 +318,11 @@ class _StoreStream:
         meta = file_meta(request.sop_class, request.sop_instance, transfer_syntax, titles)  # type: ignore[arg-type]
         return b"\0" * 128 + b"DICM" + meta
 
-    def _store(self, partial: _PartialFile, calling: str, called: str) -> int:
+    def _store(self, partial: _PartialFile, calling: str) -> int:
         if partial.error is not None:
             return self._storer.refuse(calling, f"cannot write it: {partial.error}")
         try:
-            return self._storer.store_received(
-                partial.path, partial.dataset_offset, calling, called
-            )
+            return self._storer.store_received(partial.path, partial.dataset_offset, calling)
         except Exception:  # a defect, not the sender's: say so, keep serving
             log.exception("storing a C-STORE from %s failed", calling)
             return _PROCESSING_FAILURE
@@ -341,7 +337,7 @@ class _StoreStream:
         self._request = self._file = self._refusal = None
         if self._finalizer is not None:
             self._finalizer.detach()
-        calling, called = self._titles()
+        calling = self._titles()[0]
         if partial is None:
             assert refusal is not None
             status, why = refusal
@@ -349,7 +345,7 @@ class _StoreStream:
             metrics.REFUSED.labels(f"0x{status:04X}").inc()
         else:
             partial.close()
-            status = self._store(partial, calling, called)
+            status = self._store(partial, calling)
             partial.discard()  # gone already when it was stored (renamed into the spool)
         log.debug("C-STORE %s from %s: 0x%04X", request.sop_instance, calling, status)
         max_length = self._provider.assoc.requestor.maximum_length

@@ -1,5 +1,9 @@
 """The Storage SCP: the only module that knows pynetdicom serves. A C-STORE is written to the
 spool and fsync'd, and only then answered Success; nothing here decodes pixels.
+
+pynetdicom negotiates, releases and answers C-ECHO; C-STORE requests never reach its DIMSE
+layer (node/c_store.py serves them in the socket's thread). Were one to, pynetdicom's default
+handler would answer it with a failure status, never Success.
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ log = logging.getLogger("dicom_node.receive")
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_CANNOT_UNDERSTAND = 0xC000
 
 
 def storage_sop_classes() -> list[str]:
@@ -81,9 +84,7 @@ class StorageSCP:
         # Workers (other processes) keep the default.
         pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
         pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
-        received_file.stream_received_datasets_to(spool.tmp)
         received_file.read_pdus_in_large_reads()
-        received_file.decode_data_pdus_without_copies()
         reactor_wakeups.wake_reactors_on_work()
         c_store.serve_c_store_requests(ae, self, spool.tmp)
         syntaxes = list(receivable_syntaxes())
@@ -97,7 +98,6 @@ class StorageSCP:
         handlers = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_CONN_OPEN, self._on_connection),
-            (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
         ]
         context = server_context(node.tls) if node.tls is not None else None
@@ -178,43 +178,20 @@ class StorageSCP:
         metrics.REJECTED_ASSOCIATIONS.labels(kind).inc()
         _reject(event.assoc, 0x01, 0x01, reason)
 
-    def _on_store(self, event) -> int:
-        """A C-STORE pynetdicom served (c_store serves the others itself)."""
-        requestor = event.assoc.requestor
-        return self.store_received(
-            Path(event.dataset_path),  # pynetdicom's file: its meta, then the dataset
-            received_file.written_in_place(event.request),
-            requestor.ae_title.strip(),
-            # The title the sender called (rules may route on it), not necessarily ours.
-            requestor.primitive.called_ae_title.strip(),
-        )
-
-    def store_received(self, received: Path, offset: int | None, calling: str, called: str) -> int:
-        """Spool a received file (a Part 10 header, then the dataset from `offset` on; None:
-        pynetdicom's header without the AE titles); the C-STORE status to answer."""
+    def store_received(self, received: Path, offset: int, calling: str) -> int:
+        """Spool a received file in the spool's tmp/ (its Part 10 header, with the AE titles
+        rules may route on, then the dataset from `offset` on); the C-STORE status to answer."""
         config = self.config  # one configuration for the whole request, whatever reloads do
         problem = self.spool.room_problem()
         if problem:  # the sender may retry later; never Success without storage
             return self.refuse(calling, problem)
         try:
-            header = b""
-            if offset is None:
-                header, offset = received_file.spool_header(
-                    received, config.node.ae_title, calling, called
-                )
             size = received.stat().st_size - offset
             if size > config.limits.max_instance_size:
                 return self.refuse(calling, f"{size} bytes, above limits.max_instance_size")
-            if header:
-                entry = self.spool.store_file(header, received, offset, config.key)
-            else:  # already the spool's file: renamed, not copied
-                entry = self.spool.adopt_received(received, config.key)
+            entry = self.spool.adopt_received(received, config.key)  # renamed, not copied
         except OSError as exc:
             return self.refuse(calling, f"cannot spool it: {exc}")
-        except Exception as exc:  # a request so malformed it cannot even be framed
-            log.error("cannot understand a C-STORE from %s: %s", calling, exc)
-            metrics.REFUSED.labels("0xC000").inc()
-            return STATUS_CANNOT_UNDERSTAND
         metrics.RECEIVED.labels(calling).inc()
         metrics.BYTES_IN.inc(size)
         self.on_stored(entry)

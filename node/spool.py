@@ -214,15 +214,8 @@ class Spool:
         """Durably store one received instance; when this returns, Success may be sent."""
         return self._store(part10_header(file_meta) + dataset_bytes, None, 0, config_key)
 
-    def store_file(
-        self, header: bytes, source: Path, offset: int, config_key: str = "0"
-    ) -> SpoolEntry:
-        """As `store`, with the Part 10 header given as bytes and the dataset already on disk
-        at `source` from `offset` on (pynetdicom's chunked receive)."""
-        return self._store(header, source, offset, config_key)
-
     def adopt_received(self, received: Path, config_key: str = "0") -> SpoolEntry:
-        """As `store_file`, for a complete Part 10 file pynetdicom wrote in tmp/: fsync'd and
+        """As `store`, for a complete Part 10 file the receiver wrote in tmp/: fsync'd and
         renamed into incoming/, never copied (a copy costs as much CPU as receiving did)."""
         if received.parent != self.tmp:
             return self._store(b"", received, 0, config_key)

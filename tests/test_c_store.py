@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE, _config, association, dimse_messages, dul, evt
+from pynetdicom import AE, association, dimse_messages, dul, evt
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import P_DATA_TF
@@ -40,9 +41,7 @@ def scp(tmp_path: Path, monkeypatch):
     from pydicom import config as pydicom_config
 
     for owner, name in [
-        (_config, "STORE_RECV_CHUNKED_DATASET"), (dimse_messages, "NamedTemporaryFile"),
-        (dimse_messages, "create_file_meta"), (dimse_messages, "write_file_meta_info"),
-        (AssociationSocket, "recv"), (DULServiceProvider, "_decode_pdu"),
+        (AssociationSocket, "recv"),
         (DULServiceProvider, "send_pdu"), (DULServiceProvider, "_read_pdu_data"),
         (association, "time"), (dul, "time"),
         (pydicom_config.settings, "reading_validation_mode"),
@@ -62,9 +61,15 @@ def scp(tmp_path: Path, monkeypatch):
     spool = Spool(tmp_path / "spool")
     stored: list = []
     server = StorageSCP(config, spool, stored.append)
-    served_by_pynetdicom: list = []
-    on_store = server._on_store
-    server._on_store = lambda event: served_by_pynetdicom.append(event) or on_store(event)
+    served_by_pynetdicom: list = []  # messages pynetdicom's DIMSE layer decoded, node side
+    receive_primitive = DIMSEServiceProvider.receive_primitive
+
+    def counting(self, primitive):
+        receive_primitive(self, primitive)
+        if self.assoc.is_acceptor and self.message is None:  # a whole message
+            served_by_pynetdicom.append(primitive)
+
+    monkeypatch.setattr(DIMSEServiceProvider, "receive_primitive", counting)
     server.start()
     server.stored, server.served_by_pynetdicom = stored, served_by_pynetdicom
     yield server
@@ -99,7 +104,7 @@ def test_a_c_store_is_served_in_the_socket_thread_and_spooled_with_its_titles(sc
     finally:
         assoc.release()
     assert statuses == [0, 0, 0]
-    assert scp.served_by_pynetdicom == []
+    assert len(scp.served_by_pynetdicom) == 2  # the C-ECHOs
     assert len(scp.stored) == 3
     ds = dcmread(scp.stored[0].path)
     meta = ds.file_meta
