@@ -14,6 +14,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -51,15 +52,22 @@ def worker_count(configured: int) -> int:
 
 
 class Pipeline:
-    def __init__(self, config: Config, spool: Spool):
+    def __init__(
+        self, config: Config, spool: Spool, work: Callable[..., ProcessOutcome] = process_entry
+    ):
         self.config = config
         self.spool = spool
         self.workers = worker_count(config.node.workers)
+        self._work = work  # runs in the worker processes: a module-level function
         self._queue: queue.Queue[SpoolEntry] = queue.Queue()
-        self._slots = threading.BoundedSemaphore(self.workers * 2)
+        self._slot_count = self.workers * 2
+        self._slots = threading.BoundedSemaphore(self._slot_count)
         self._lock = threading.Lock()
         self._in_flight: set[str] = set()
-        self._crashes: dict[str, int] = {}
+        self._crashes: dict[str, int] = {}  # crashes of an entry running alone: its own
+        # Entries in flight when a worker died: the pool fails them all, so each runs alone
+        # next, and only a crash then is counted against it.
+        self._suspects: set[str] = set()
         self._failures: dict[str, int] = {}
         self._stopping = threading.Event()
         self._executor = self._new_executor()
@@ -207,39 +215,73 @@ class Pipeline:
                 entry = self._queue.get(timeout=0.2)
             except queue.Empty:
                 continue
-            while not self._slots.acquire(timeout=0.2):
-                if self._stopping.is_set():
-                    return
+            alone = entry.id in self._suspects
+            slots = self._slot_count if alone else 1  # alone: every slot, nothing else runs
+            if not self._take_slots(slots):
+                return
             if not entry.path.exists():  # completed meanwhile (a duplicate submit)
-                self._slots.release()
+                self._release_slots(slots)
                 self._finish(entry)
                 continue
             as_received = self._crashes.get(entry.id, 0) >= CRASHES_BEFORE_AS_RECEIVED
             work = self.spool.work_path(entry, 0)
+            executor = self._executor
             try:
                 config = self.config_for(entry)
-                future = self._executor.submit(process_entry, entry, config, work, as_received)
+                future = executor.submit(self._work, entry, config, work, as_received)
             except (BrokenProcessPool, RuntimeError):
-                self._slots.release()
-                self._restart_executor()
+                self._release_slots(slots)
+                self._restart_executor(executor)
                 self._queue.put(entry)
                 continue
-            future.add_done_callback(lambda f, e=entry, c=config: self._processed(e, f, c))
+            future.add_done_callback(
+                lambda f, e=entry, c=config, x=executor, n=slots: self._processed(e, f, c, x, n)
+            )
 
-    def _restart_executor(self) -> None:
+    def _take_slots(self, count: int) -> bool:
+        taken = 0
+        while taken < count:
+            if self._slots.acquire(timeout=0.2):
+                taken += 1
+            elif self._stopping.is_set():
+                self._release_slots(taken)
+                return False
+        return True
+
+    def _release_slots(self, count: int) -> None:
+        for _ in range(count):
+            self._slots.release()
+
+    def _restart_executor(self, broken: ProcessPoolExecutor) -> None:
+        """Replace `broken` (once: every future it had fails, each calls this)."""
         with self._lock:
-            old, self._executor = self._executor, self._new_executor()
-        old.shutdown(wait=False, cancel_futures=True)
+            if self._executor is not broken:
+                return
+            self._executor = self._new_executor()
+        broken.shutdown(wait=False, cancel_futures=True)
 
-    def _processed(self, entry: SpoolEntry, future: Future, config: Config) -> None:
-        self._slots.release()
+    def _processed(
+        self,
+        entry: SpoolEntry,
+        future: Future,
+        config: Config,
+        executor: ProcessPoolExecutor,
+        slots: int,
+    ) -> None:
+        self._release_slots(slots)
         try:
             outcome: ProcessOutcome = future.result()
         except BrokenProcessPool:
-            self._crashes[entry.id] = self._crashes.get(entry.id, 0) + 1
-            log.error("codec worker died while processing %s; will retry", entry.id)
+            if slots == self._slot_count:  # it ran alone: the crash was its own
+                self._crashes[entry.id] = self._crashes.get(entry.id, 0) + 1
+                log.error("codec worker died while processing %s (alone); will retry",
+                          entry.id)  # fmt: skip
+            else:
+                self._suspects.add(entry.id)
+                log.error("a codec worker died while %s was in flight; it runs alone next",
+                          entry.id)  # fmt: skip
             if not self._stopping.is_set():
-                self._restart_executor()
+                self._restart_executor(executor)
                 self._queue.put(entry)
             return
         except Exception as exc:
@@ -363,3 +405,4 @@ class Pipeline:
         with self._lock:
             self._in_flight.discard(entry.id)
         self._crashes.pop(entry.id, None)
+        self._suspects.discard(entry.id)

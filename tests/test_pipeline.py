@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ from node.config import parse_config
 from node.pipeline import Pipeline
 from node.process import ProcessOutcome
 from node.spool import Spool, SpoolEntry
+from tests.conftest import wait_for
 
 CONFIG = """\
 node: {spool: ./spool}
@@ -67,3 +70,34 @@ def test_a_failure_after_the_queue_commit_processes_nothing_twice(pipeline, monk
     assert pipeline.retried == []  # both are queued: a retry would deliver them twice
     assert pipeline.queue.known_entries() == {"a", "b"}
     assert pipeline.idle()
+
+
+def crash_on_marked(entry: SpoolEntry, config, work: Path, as_received: bool) -> ProcessOutcome:
+    """The workers' function in the crash test (imported by them): the process dies on an
+    entry named *crash* unless it is to be sent as received; every run that returns is
+    recorded in ran/ as <entry>.<as_received>."""
+    if "crash" in entry.path.name and not as_received:
+        os._exit(70)
+    time.sleep(0.5)  # codec work: the others are still in flight when a worker dies
+    (entry.path.parent.parent / "ran" / f"{entry.path.stem}.{int(as_received)}").touch()
+    return ProcessOutcome(entry, None, None, quarantine_reason="recorded by the test")
+
+
+def test_a_worker_crash_is_counted_against_the_instance_that_crashes_only(tmp_path: Path):
+    """The process pool fails every task in flight when a worker dies; those run alone next,
+    so only the instance that crashes twice is sent as received, the others are processed
+    as their rule says."""
+    config = parse_config(CONFIG.replace("./spool}", "./spool, workers: 2}"), "node.yaml", tmp_path)
+    spool = Spool(tmp_path / "spool")
+    (spool.root / "ran").mkdir()
+    names = ["a", "b-crash", "c", "d", "e"]
+    for name in names:
+        (spool.incoming / f"{name}.dcm").write_bytes(b"DICM")
+    pipe = Pipeline(config, spool, work=crash_on_marked)
+    try:
+        pipe.start()
+        ran = spool.root / "ran"
+        wait_for(lambda: len(list(ran.iterdir())) >= len(names) and pipe.idle(), 120, "all runs")
+    finally:
+        pipe.stop()
+    assert sorted(p.name for p in ran.iterdir()) == ["a.0", "b-crash.1", "c.0", "d.0", "e.0"]
