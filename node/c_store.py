@@ -12,9 +12,11 @@ C-STORE response PDU itself. A sender waits for that response, so nothing else i
 
 A C-STORE for a SOP class that is not a storage class, or with UIDs that are not UIDs, is
 answered with a failure status (pynetdicom aborted the association and left the dataset's
-file behind); one on a context that was not accepted is aborted, as pynetdicom did.
+file behind). What breaks the upper layer protocol (a dataset fragment without its command,
+a command set that cannot be read, an unknown command, a context that was not accepted)
+aborts the association; some of it ended pynetdicom's socket thread with an exception.
 Everything else stays pynetdicom's: negotiation, release, abort, timers, C-ECHO and any other
-message, and a command set this module cannot parse. Only whole messages change hands.
+message. Only whole messages change hands.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ _COMMAND, _LAST = 0x01, 0x02  # PDV message control header bits (PS3.8 E.2)
 _PROCESSING_FAILURE = 0x0110
 _SOP_CLASS_NOT_SUPPORTED = 0x0122
 _CANNOT_UNDERSTAND = 0xC000
+_OUT_OF_RESOURCES = 0xA700
 
 _original_read_pdu_data = DULServiceProvider._read_pdu_data
 
@@ -285,7 +288,11 @@ class _StoreStream:
         self._request = request
         self._refusal = self._refusal_of(request)
         if self._refusal is None:
-            partial = _PartialFile(self._folder, self._file_header(request))
+            try:
+                partial = _PartialFile(self._folder, self._file_header(request))
+            except OSError as exc:  # no file to write into: read the dataset and say so
+                self._refusal = _OUT_OF_RESOURCES, f"cannot create its file: {exc}"
+                return
             self._file = partial
             self._finalizer = weakref.finalize(self._provider, partial.discard)
         elif not request.has_dataset:

@@ -185,7 +185,10 @@ def test_a_full_spool_answers_out_of_resources_and_keeps_nothing(scp, monkeypatc
     assert list(scp.spool.tmp.iterdir()) == []
 
 
-def test_a_write_error_answers_out_of_resources_and_the_association_goes_on(scp, monkeypatch):
+@pytest.mark.parametrize("failing", ["write", "mkstemp"])
+def test_a_write_error_answers_out_of_resources_and_the_association_goes_on(
+    scp, monkeypatch, failing
+):
     real_write = os.write
     calls = []
 
@@ -195,10 +198,16 @@ def test_a_write_error_answers_out_of_resources_and_the_association_goes_on(scp,
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(fd, data)
 
+    def mkstemp(**_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
     assoc = _associate(scp.port)
     try:
         with monkeypatch.context() as patch:
-            patch.setattr(c_store.os, "write", write)
+            if failing == "write":
+                patch.setattr(c_store.os, "write", write)
+            else:
+                patch.setattr(c_store.tempfile, "mkstemp", mkstemp)
             assert assoc.send_c_store(_ct()).Status == 0xA700
         assert assoc.send_c_store(_ct()).Status == 0
     finally:
