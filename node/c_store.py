@@ -62,6 +62,9 @@ class Storer(Protocol):
 
     def refuse(self, calling: str, why: str) -> int: ...
 
+    @property
+    def max_instance_size(self) -> int: ...
+
 
 def serve_c_store_requests(ae: AE, storer: Storer, folder: Path) -> None:
     """C-STORE requests on associations `ae` accepts are served here: received into files in
@@ -193,17 +196,23 @@ class _PartialFile:
     written as they arrive. Holds no reference to the association, so that a finalizer can
     remove it when the association goes away mid-message."""
 
-    def __init__(self, folder: Path, header: bytes):
+    def __init__(self, folder: Path, header: bytes, max_dataset: int):
         self.fd, name = tempfile.mkstemp(suffix=".dcm", dir=folder)
         self.path = Path(name)
         self.dataset_offset = len(header)
-        self.error: OSError | None = None
+        self.problem: str | None = None  # why it is refused (0xA700); its file is gone
+        self._room = len(header) + max_dataset  # bytes the file may hold
         self._unsynced = 0
         self.write(header)
 
     def write(self, data: memoryview | bytes) -> None:
-        if self.error is not None:
-            return  # the rest of the dataset is read and dropped; the answer is 0xA700
+        if self.problem is not None:
+            return  # the rest of the dataset is read and dropped
+        self._room -= len(data)
+        if self._room < 0:  # refused now, not after the whole of it is on disk
+            self.problem = "above limits.max_instance_size"
+            self.discard()
+            return
         try:
             with memoryview(data) as view:
                 while view:
@@ -213,7 +222,7 @@ class _PartialFile:
                 os.fdatasync(self.fd)
                 self._unsynced = 0
         except OSError as exc:
-            self.error = exc
+            self.problem = f"cannot write it: {exc}"
             self.discard()
 
     def close(self) -> None:
@@ -289,7 +298,8 @@ class _StoreStream:
         self._refusal = self._refusal_of(request)
         if self._refusal is None:
             try:
-                partial = _PartialFile(self._folder, self._file_header(request))
+                header = self._file_header(request)
+                partial = _PartialFile(self._folder, header, self._storer.max_instance_size)
             except OSError as exc:  # no file to write into: read the dataset and say so
                 self._refusal = _OUT_OF_RESOURCES, f"cannot create its file: {exc}"
                 return
@@ -326,8 +336,8 @@ class _StoreStream:
         return b"\0" * 128 + b"DICM" + meta
 
     def _store(self, partial: _PartialFile, calling: str) -> int:
-        if partial.error is not None:
-            return self._storer.refuse(calling, f"cannot write it: {partial.error}")
+        if partial.problem is not None:
+            return self._storer.refuse(calling, partial.problem)
         try:
             return self._storer.store_received(partial.path, partial.dataset_offset, calling)
         except Exception:  # a defect, not the sender's: say so, keep serving

@@ -185,10 +185,8 @@ class StorageSCP:
         problem = self.spool.room_problem()
         if problem:  # the sender may retry later; never Success without storage
             return self.refuse(calling, problem)
-        try:
+        try:  # c_store refused it already if it is above limits.max_instance_size
             size = received.stat().st_size - offset
-            if size > config.limits.max_instance_size:
-                return self.refuse(calling, f"{size} bytes, above limits.max_instance_size")
             entry = self.spool.adopt_received(received, config.key)  # renamed, not copied
         except OSError as exc:
             return self.refuse(calling, f"cannot spool it: {exc}")
@@ -196,6 +194,10 @@ class StorageSCP:
         metrics.BYTES_IN.inc(size)
         self.on_stored(entry)
         return STATUS_SUCCESS
+
+    @property
+    def max_instance_size(self) -> int:
+        return self.config.limits.max_instance_size
 
     @staticmethod
     def refuse(calling: str, why: str) -> int:

@@ -216,6 +216,26 @@ def test_a_write_error_answers_out_of_resources_and_the_association_goes_on(
     assert list(scp.spool.tmp.iterdir()) == []
 
 
+def test_an_instance_above_max_instance_size_is_refused_before_it_is_all_on_disk(scp, monkeypatch):
+    limit = 20000  # CT_small's dataset is about 39 kB; it comes in 16 kB fragments here
+    text = scp.config.text.replace(
+        "max_pdu_size: 16384", f"max_pdu_size: 16384, max_instance_size: {limit}"
+    )
+    scp.config = parse_config(text, "node.yaml", scp.config.base)  # as a reload does
+    real_write, written = os.write, []
+    monkeypatch.setattr(
+        c_store.os, "write", lambda fd, data: written.append(len(data)) or real_write(fd, data)
+    )
+    assoc = _associate(scp.port)
+    try:
+        assert assoc.send_c_store(_ct()).Status == 0xA700
+    finally:
+        assoc.release()
+    header = written[0]
+    assert sum(written) - header <= limit  # writing stopped at the limit
+    assert scp.stored == [] and list(scp.spool.tmp.iterdir()) == []
+
+
 def _command(uid: str = "1.2.3.4.5", message_id: int = 7, sop_class: str = CT) -> bytes:
     primitive = C_STORE()
     primitive.MessageID = message_id
