@@ -36,8 +36,7 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
-from node import observe as metrics
-from node.received_file import file_meta, plain_uids
+from node.received_file import even_length, file_meta, plain_uids
 from node.spool import SYNC_EVERY
 
 log = logging.getLogger("dicom_node.receive")
@@ -58,9 +57,9 @@ _original_read_pdu_data = DULServiceProvider._read_pdu_data
 class Storer(Protocol):
     """What the node does with a received file (receive.StorageSCP)."""
 
-    def store_received(self, received: Path, offset: int, calling: str) -> int: ...
+    def store_received(self, received: Path, size: int, calling: str) -> int: ...
 
-    def refuse(self, calling: str, why: str) -> int: ...
+    def refuse(self, calling: str, why: str, status: int = ...) -> int: ...
 
     @property
     def max_instance_size(self) -> int: ...
@@ -105,13 +104,11 @@ def command_pdus(context_id: int, command: bytes, max_pdu_length: int) -> bytes:
     """P-DATA-TF PDUs carrying a command set, in fragments that fit the peer's maximum PDU
     length (0: no limit)."""
     size = max(max_pdu_length - 6, 1) if max_pdu_length else len(command)  # 6: PDV header
-    pdus = []
-    for at in range(0, len(command), size):
-        fragment = command[at : at + size]
-        control = _COMMAND | (_LAST if at + size >= len(command) else 0)
-        item = struct.pack(">IBB", len(fragment) + 2, context_id, control) + fragment
-        pdus.append(struct.pack(">BBI", _P_DATA_TF, 0, len(item)) + item)
-    return b"".join(pdus)
+    return b"".join(
+        _p_data_tf([(context_id, bytes([_COMMAND | (_LAST if at + size >= len(command) else 0)])
+                     + command[at : at + size])])
+        for at in range(0, len(command), size)
+    )  # fmt: skip
 
 
 def _read_pdu_data(self: DULServiceProvider) -> None:
@@ -126,7 +123,7 @@ def _read_pdu_data(self: DULServiceProvider) -> None:
     head, body = pdu
     if head[0] != _P_DATA_TF:  # release, abort: pynetdicom's; a message cut short is void
         stream.discard()
-        _to_pynetdicom(self, bytes(head + body))
+        _to_pynetdicom(self, head + body)
         return
     try:
         theirs = stream.feed(memoryview(body))
@@ -200,16 +197,20 @@ class _PartialFile:
         self.fd, name = tempfile.mkstemp(suffix=".dcm", dir=folder)
         self.path = Path(name)
         self.dataset_offset = len(header)
+        self.written = 0
         self.problem: str | None = None  # why it is refused (0xA700); its file is gone
-        self._room = len(header) + max_dataset  # bytes the file may hold
+        self._most = len(header) + max_dataset  # bytes the file may hold
         self._unsynced = 0
         self.write(header)
+
+    @property
+    def dataset_size(self) -> int:
+        return self.written - self.dataset_offset
 
     def write(self, data: memoryview | bytes) -> None:
         if self.problem is not None:
             return  # the rest of the dataset is read and dropped
-        self._room -= len(data)
-        if self._room < 0:  # refused now, not after the whole of it is on disk
+        if self.written + len(data) > self._most:  # refused now, not once it is all on disk
             self.problem = "above limits.max_instance_size"
             self.discard()
             return
@@ -217,6 +218,7 @@ class _PartialFile:
             with memoryview(data) as view:
                 while view:
                     view = view[os.write(self.fd, view) :]
+            self.written += len(data)
             self._unsynced += len(data)
             if self._unsynced >= SYNC_EVERY:  # a large instance: its fsync at the end is short
                 os.fdatasync(self.fd)
@@ -243,8 +245,15 @@ class _StoreStream:
         self._provider = provider
         self._storer = storer
         self._folder = folder
-        self._command = bytearray()
-        self._held: list[tuple[int, bytes]] = []  # the command's PDVs, for pynetdicom
+        requestor = provider.assoc.requestor
+        self._calling = requestor.ae_title.strip()
+        # the node's title, the calling one, and the one the sender called (rules may route
+        # on it): the same for every instance of the association
+        self._titles = (
+            str(provider.assoc.ae.ae_title), self._calling,
+            requestor.primitive.called_ae_title.strip(),
+        )  # fmt: skip
+        self._held: list[tuple[int, bytes]] = []  # the command's PDVs (control byte first)
         self._request: StoreRequest | None = None
         self._refusal: tuple[int, str] | None = None
         self._file: _PartialFile | None = None
@@ -278,12 +287,11 @@ class _StoreStream:
         the association hanging) is an invalid PDU here: the association is aborted."""
         if not pdv[0] & _COMMAND:
             raise ValueError("a dataset fragment where a command was expected")
-        self._command += pdv[1:]
         self._held.append((context_id, bytes(pdv)))
         if not pdv[0] & _LAST:
             return
-        command, held = bytes(self._command), self._held
-        self._command, self._held = bytearray(), []
+        held, self._held = self._held, []
+        command = b"".join(fragment[1:] for _, fragment in held)
         try:
             request = StoreRequest(context_id, command)
         except struct.error as exc:
@@ -329,24 +337,9 @@ class _StoreStream:
 
     def _file_header(self, request: StoreRequest) -> bytes:
         """The received file's Part 10 header: the spool's, with the AE titles."""
-        assoc = self._provider.assoc
-        transfer_syntax = assoc._accepted_cx[request.context_id].transfer_syntax[0]
-        titles = (str(assoc.ae.ae_title), *self._titles())
-        meta = file_meta(request.sop_class, request.sop_instance, transfer_syntax, titles)  # type: ignore[arg-type]
+        transfer_syntax = self._provider.assoc._accepted_cx[request.context_id].transfer_syntax[0]
+        meta = file_meta(request.sop_class, request.sop_instance, transfer_syntax, self._titles)  # type: ignore[arg-type]
         return b"\0" * 128 + b"DICM" + meta
-
-    def _store(self, partial: _PartialFile, calling: str) -> int:
-        if partial.problem is not None:
-            return self._storer.refuse(calling, partial.problem)
-        try:
-            return self._storer.store_received(partial.path, partial.dataset_offset, calling)
-        except Exception:  # a defect, not the sender's: say so, keep serving
-            log.exception("storing a C-STORE from %s failed", calling)
-            return _PROCESSING_FAILURE
-
-    def _titles(self) -> tuple[str, str]:
-        requestor = self._provider.assoc.requestor
-        return requestor.ae_title.strip(), requestor.primitive.called_ae_title.strip()
 
     def _complete(self) -> None:
         request, partial, refusal = self._request, self._file, self._refusal
@@ -354,28 +347,34 @@ class _StoreStream:
         self._request = self._file = self._refusal = None
         if self._finalizer is not None:
             self._finalizer.detach()
-        calling = self._titles()[0]
-        if partial is None:
-            assert refusal is not None
-            status, why = refusal
-            log.error("refused a C-STORE from %s with 0x%04X: %s", calling, status, why)
-            metrics.REFUSED.labels(f"0x{status:04X}").inc()
-        else:
+        if partial is not None:
             partial.close()
-            status = self._store(partial, calling)
+            if partial.problem is not None:
+                refusal = _OUT_OF_RESOURCES, partial.problem
+            else:
+                status = self._store(partial)
             partial.discard()  # gone already when it was stored (renamed into the spool)
-        log.debug("C-STORE %s from %s: 0x%04X", request.sop_instance, calling, status)
+        if refusal is not None:
+            status = self._storer.refuse(self._calling, refusal[1], refusal[0])
+        log.debug("C-STORE %s from %s: 0x%04X", request.sop_instance, self._calling, status)
         max_length = self._provider.assoc.requestor.maximum_length
         self._provider.socket.send(  # type: ignore[union-attr]
             command_pdus(request.context_id, request.response(status), max_length)
         )
+
+    def _store(self, partial: _PartialFile) -> int:
+        try:
+            return self._storer.store_received(partial.path, partial.dataset_size, self._calling)
+        except Exception:  # a defect, not the sender's: say so, keep serving
+            log.exception("storing a C-STORE from %s failed", self._calling)
+            return _PROCESSING_FAILURE
 
     def discard(self) -> None:
         """The message being received will not complete (abort, closed connection)."""
         if self._file is not None:
             self._file.discard()
         self._request = self._file = self._refusal = None
-        self._command, self._held, self._passing = bytearray(), [], False
+        self._held, self._passing = [], False
 
 
 def _pdvs(body: memoryview) -> Iterator[tuple[int, memoryview]]:
@@ -395,6 +394,7 @@ def _pdvs(body: memoryview) -> Iterator[tuple[int, memoryview]]:
 
 
 def _p_data_tf(pdvs: list[tuple[int, bytes]]) -> bytes:
+    """A P-DATA-TF PDU of (context ID, control byte and fragment) values."""
     items = b"".join(struct.pack(">IB", len(pdv) + 1, cid) + pdv for cid, pdv in pdvs)
     return struct.pack(">BBI", _P_DATA_TF, 0, len(items)) + items
 
@@ -424,5 +424,4 @@ def _ui(value: bytes | None) -> str | None:
 
 
 def _uid_value(uid: str | None) -> bytes:
-    value = (uid or "").encode()
-    return value + b"\0" if len(value) % 2 else value
+    return even_length((uid or "").encode(), b"UI")

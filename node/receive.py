@@ -178,15 +178,14 @@ class StorageSCP:
         metrics.REJECTED_ASSOCIATIONS.labels(kind).inc()
         _reject(event.assoc, 0x01, 0x01, reason)
 
-    def store_received(self, received: Path, offset: int, calling: str) -> int:
+    def store_received(self, received: Path, size: int, calling: str) -> int:
         """Spool a received file in the spool's tmp/ (its Part 10 header, with the AE titles
-        rules may route on, then the dataset from `offset` on); the C-STORE status to answer."""
+        rules may route on, then a dataset of `size` bytes); the C-STORE status to answer."""
         config = self.config  # one configuration for the whole request, whatever reloads do
         problem = self.spool.room_problem()
         if problem:  # the sender may retry later; never Success without storage
             return self.refuse(calling, problem)
         try:  # c_store refused it already if it is above limits.max_instance_size
-            size = received.stat().st_size - offset
             entry = self.spool.adopt_received(received, config.key)  # renamed, not copied
         except OSError as exc:
             return self.refuse(calling, f"cannot spool it: {exc}")
@@ -200,8 +199,9 @@ class StorageSCP:
         return self.config.limits.max_instance_size
 
     @staticmethod
-    def refuse(calling: str, why: str) -> int:
-        """0xA700 Out of Resources: the sender may try again later; logged and counted."""
-        log.error("refused an instance from %s with 0xA700: %s", calling, why)
-        metrics.REFUSED.labels("0xA700").inc()
-        return STATUS_OUT_OF_RESOURCES
+    def refuse(calling: str, why: str, status: int = STATUS_OUT_OF_RESOURCES) -> int:
+        """A failure status, logged and counted; by default 0xA700 Out of Resources (the
+        sender may try again later)."""
+        log.error("refused an instance from %s with 0x%04X: %s", calling, status, why)
+        metrics.REFUSED.labels(f"0x{status:04X}").inc()
+        return status

@@ -66,11 +66,16 @@ def plain_uids(*uids: str) -> bool:
     return all(isinstance(uid, str) and len(uid) <= 64 and uid.isascii() for uid in uids)
 
 
-def _element(element: int, vr: bytes, value: bytes) -> bytes:
-    """One group 2 element, explicit VR little endian, padded to even length as pydicom
-    pads: UI with NUL, text with a space."""
+def even_length(value: bytes, vr: bytes) -> bytes:
+    """A value padded to even length as pydicom pads it: UI with NUL, text with a space."""
     if len(value) % 2:
         value += b"\0" if vr == b"UI" else b" "
+    return value
+
+
+def _element(element: int, vr: bytes, value: bytes) -> bytes:
+    """One group 2 element, explicit VR little endian."""
+    value = even_length(value, vr)
     if vr == b"OB":
         return struct.pack("<HH", 2, element) + vr + b"\0\0" + struct.pack("<I", len(value)) + value
     return struct.pack("<HH", 2, element) + vr + struct.pack("<H", len(value)) + value
