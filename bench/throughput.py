@@ -60,7 +60,8 @@ Every stored output is checked afterwards: its transfer syntax must be the targe
 for the node, the TransferSyntax metadata over REST for Orthanc); a mismatch is reported.
 
 Codec-only ceilings, measured in the same run on the same images, held in memory by
-os.cpu_count() worker processes (ProcessPoolExecutor, spawn; warmed up before the clock):
+os.cpu_count() worker processes (ProcessPoolExecutor, spawn; warmed up before the clock; the
+C library set to keep freed buffers, as in the node's workers: node/process.py):
   verified     per image the node's own codec step: pydicom.dcmread(BytesIO(bytes)),
                node.transcode.transcode(ds, TranscodeSpec(parse_target(NAME))), which decodes,
                encodes every frame and decodes it again to compare (bit-exact); the output
@@ -687,6 +688,9 @@ _W: dict[str, Any] = {}  # per worker process: the images and the codec step
 def _ceiling_init(paths: list[str], mode: str, name: str, barrier: Any) -> None:
     os.setpgid(0, 0)  # its own process group, like every process this bench starts
     warnings.filterwarnings("ignore")
+    from node.process import keep_freed_memory_for_reuse
+
+    keep_freed_memory_for_reuse()  # as the node's codec workers do: the codec at its best
     _W["mode"], _W["barrier"] = mode, barrier
     blobs = [Path(p).read_bytes() for p in paths]
     if mode == "verified":

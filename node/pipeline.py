@@ -22,7 +22,7 @@ from pathlib import Path
 from node import observe as metrics
 from node.config import Config
 from node.destination_worker import DestinationWorker
-from node.process import ProcessOutcome, process_entry
+from node.process import ProcessOutcome, keep_freed_memory_for_reuse, process_entry
 from node.queue import QUEUE_FILE, DeliveryQueue, FinishedEntry, NewDelivery
 from node.spool import Spool, SpoolEntry
 
@@ -41,10 +41,12 @@ FAILURES_BEFORE_QUARANTINE = 3  # unexpected errors (not crashes) on one entry
 WORKER_NICENESS = 5
 
 
-def _lower_priority() -> None:
+def _start_worker() -> None:
     """Codec workers yield the CPU to the receiving process: when all cores are busy, a
-    sender's acknowledgements must not wait for codec work (which can wait in the spool)."""
+    sender's acknowledgements must not wait for codec work (which can wait in the spool).
+    They keep freed buffers for the next instance instead of page-faulting them in again."""
     os.nice(WORKER_NICENESS)
+    keep_freed_memory_for_reuse()
 
 
 def worker_count(configured: int) -> int:
@@ -90,7 +92,7 @@ class Pipeline:
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("spawn"),
             max_tasks_per_child=TASKS_PER_WORKER,
-            initializer=_lower_priority,
+            initializer=_start_worker,
         )
 
     def start(self) -> int:

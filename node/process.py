@@ -6,6 +6,7 @@ Pure of network and of shared state, so it runs in a process pool and in tests a
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 import warnings
@@ -26,6 +27,9 @@ from node.transcode import TranscodeResult, transcode
 KEEP = TranscodeSpec(Target(None))
 # Pixel Data above this stays on disk and is read frame by frame (large multi-frame instances).
 LARGE_PIXEL_DATA = 64 << 20
+# glibc mallopt parameters, and the freed memory a worker keeps for its next instance.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+KEPT_FOR_REUSE = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,26 @@ class ProcessOutcome:
         if self.notes:
             text += " | " + "; ".join(self.notes)
         return text
+
+
+def keep_freed_memory_for_reuse() -> bool:
+    """Have this process's C library keep freed buffers for the next instance.
+
+    By default glibc hands a large freed block back to the kernel at once (blocks from 128 KiB
+    are mmapped, and the heap top is trimmed), so every frame's buffers were page-faulted and
+    zeroed again: a quarter of a CT slice's codec time went to the kernel (bench/throughput.py).
+    Blocks up to 32 MiB now come from the heap, and up to KEPT_FOR_REUSE of free heap is kept.
+    Larger frames (a big multi-frame instance) are still mapped and unmapped one by one. False
+    where the C library has no mallopt (musl, macOS): nothing is tuned there.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, KEPT_FOR_REUSE)
+    )
 
 
 def read_arrival(ds) -> Arrival:
