@@ -11,6 +11,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 
 from pydicom import dcmread
@@ -27,6 +28,8 @@ from node.transcode import TranscodeResult, transcode
 KEEP = TranscodeSpec(Target(None))
 # Pixel Data above this stays on disk and is read frame by frame (large multi-frame instances).
 LARGE_PIXEL_DATA = 64 << 20
+# Instances up to this are read in one go, then parsed and spliced (output_file) from the bytes.
+READ_AT_ONCE = 8 << 20
 # glibc mallopt parameters, and the freed memory a worker keeps for its next instance.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 KEPT_FOR_REUSE = 64 << 20
@@ -115,9 +118,14 @@ def process_entry(
     started = time.perf_counter()
     warnings.filterwarnings("ignore", module="pydicom")
     try:
-        ds = dcmread(entry.path, defer_size=LARGE_PIXEL_DATA)
-        if ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian:
-            ds = dcmread(entry.path)  # deferred values cannot be re-read from a deflated file
+        size = entry.path.stat().st_size
+        received = entry.path.read_bytes() if size <= READ_AT_ONCE else None
+        if received is not None:
+            ds = dcmread(BytesIO(received))
+        else:
+            ds = dcmread(entry.path, defer_size=LARGE_PIXEL_DATA)
+            if ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian:
+                ds = dcmread(entry.path)  # deferred values cannot be re-read from a deflated file
     except Exception as exc:  # any way a file can fail to parse (struct.error, ...): kept aside
         reason = f"unreadable dataset: {type(exc).__name__}: {exc}"
         return ProcessOutcome(entry, None, None, quarantine_reason=reason)
@@ -147,7 +155,7 @@ def process_entry(
     if result.dataset is not None:
         tmp = work_path.with_suffix(".part")
         try:
-            write_output(tmp, result.dataset, ds, entry.path)
+            write_output(tmp, result.dataset, ds, entry.path, received)
         except Exception as exc:  # e.g. hostile elements pydicom refuses to write: as received
             tmp.unlink(missing_ok=True)
             notes += (f"the output could not be written ({type(exc).__name__}: {exc}); "
@@ -170,7 +178,7 @@ def process_entry(
         sop_class=str(ds.get("SOPClassUID", "")),
         syntax_in=syntax_in,
         syntax_out=str(out_ds.file_meta.TransferSyntaxUID),
-        bytes_in=entry.path.stat().st_size,
+        bytes_in=size,
         bytes_out=output.stat().st_size,
         outcome=result.outcome,
         notes=notes,

@@ -45,16 +45,31 @@ def read_pdus_in_large_reads() -> None:
 def file_meta(
     sop_class: str, sop_instance: str, transfer_syntax: str, titles: tuple[str, str, str]
 ) -> bytes:
-    """The spool's File Meta Information group, group length first, as pydicom would write
-    pynetdicom's, plus the AE titles (node, calling, called). The UIDs must be plain_uids."""
+    """The spool's File Meta Information group, as pydicom would write pynetdicom's, plus the
+    AE titles (node, calling, called). The UIDs must be plain_uids."""
+    implementation = (PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION)
+    return meta_group(sop_class, sop_instance, transfer_syntax, implementation, titles)
+
+
+def meta_group(
+    sop_class: str,
+    sop_instance: str,
+    transfer_syntax: str,
+    implementation: tuple[str, str],
+    titles: tuple[str | None, str | None, str | None],
+) -> bytes:
+    """A File Meta Information group, group length first, byte for byte as pydicom writes one
+    with these elements: (implementation class UID, version name), and the Source, Sending and
+    Receiving AE titles (a None title is left out). AE titles longer than 16 characters are cut,
+    anything not ASCII becomes '?'."""
     group = b"".join(
         (
             _element(0x0001, b"OB", b"\x00\x01"),
             _element(0x0002, b"UI", sop_class.encode()),
             _element(0x0003, b"UI", sop_instance.encode()),
             _element(0x0010, b"UI", transfer_syntax.encode()),
-            _element(0x0012, b"UI", PYNETDICOM_IMPLEMENTATION_UID.encode()),
-            _element(0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode()),
+            _element(0x0012, b"UI", implementation[0].encode()),
+            _element(0x0013, b"SH", implementation[1].encode()),
             _ae_titles(*titles),
         )
     )
@@ -81,9 +96,10 @@ def _element(element: int, vr: bytes, value: bytes) -> bytes:
     return struct.pack("<HH", 2, element) + vr + struct.pack("<H", len(value)) + value
 
 
-def _ae_titles(node_ae: str, calling: str, called: str) -> bytes:
+def _ae_titles(source: str | None, sending: str | None, receiving: str | None) -> bytes:
     """Source (the node), Sending (calling) and Receiving (called) Application Entity Title."""
     return b"".join(
         _element(element, b"AE", title.encode("ascii", "replace")[:16])
-        for element, title in ((0x0016, node_ae), (0x0017, calling), (0x0018, called))
+        for element, title in ((0x0016, source), (0x0017, sending), (0x0018, receiving))
+        if title is not None
     )
