@@ -119,13 +119,13 @@ def process_entry(
     warnings.filterwarnings("ignore", module="pydicom")
     try:
         size = entry.path.stat().st_size
-        received = entry.path.read_bytes() if size <= READ_AT_ONCE else None
-        if received is not None:
-            ds = dcmread(BytesIO(received))
-        else:
-            ds = dcmread(entry.path, defer_size=LARGE_PIXEL_DATA)
-            if ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian:
-                ds = dcmread(entry.path)  # deferred values cannot be re-read from a deflated file
+        whole = size <= min(READ_AT_ONCE, LARGE_PIXEL_DATA)  # else Pixel Data stays on disk
+        received = entry.path.read_bytes() if whole else None
+        ds = dcmread(BytesIO(received) if received is not None else entry.path,
+                     defer_size=LARGE_PIXEL_DATA)  # fmt: skip
+        syntax_in = str(ds.file_meta.TransferSyntaxUID)
+        if received is None and syntax_in == DeflatedExplicitVRLittleEndian:
+            ds = dcmread(entry.path)  # deferred values cannot be re-read from a deflated file
     except Exception as exc:  # any way a file can fail to parse (struct.error, ...): kept aside
         reason = f"unreadable dataset: {type(exc).__name__}: {exc}"
         return ProcessOutcome(entry, None, None, quarantine_reason=reason)
@@ -143,7 +143,6 @@ def process_entry(
                 f"SOPClassUID={ds.get('SOPClassUID', '')!s}, CallingAET={arrival.calling_aet})"
             ),
         )  # fmt: skip
-    syntax_in = str(ds.file_meta.TransferSyntaxUID)
     pixels = ds.get_item(0x7FE00010, keep_deferred=True) if "PixelData" in ds else None
     on_disk = pixels is not None and pixels.value is None and pixels.length  # deferred
     result: TranscodeResult = transcode(
