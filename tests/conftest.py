@@ -20,6 +20,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
+from node.config import Config, parse_config
+
 warnings.filterwarnings("ignore", module="pydicom")
 
 DATA = Path(data_store.__file__).parent / "data"
@@ -35,6 +37,16 @@ def data_file(name: str) -> Path:
     if found is None:
         raise FileNotFoundError(name)
     return Path(found)
+
+
+def one_rule_config(folder: Path, syntax: str) -> Config:
+    """A configuration whose one rule transcodes to `syntax` into a folder under `folder`."""
+    return parse_config(
+        "destinations: {a: {type: folder, path: ./a}}\n"
+        f"rules: [{{name: r, transcode: {{syntax: {syntax}}}, send_to: [a]}}]\n",
+        "node.yaml",
+        folder,
+    )
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05):

@@ -15,12 +15,11 @@ from pydicom.filewriter import dcmwrite, write_dataset, write_file_meta_info
 from pydicom.pixels import pixel_array
 
 from node import output_file, process, received_file
-from node.config import parse_config
 from node.output_file import write_output
 from node.spool import SpoolEntry
 from node.syntaxes import Target, TranscodeSpec
 from node.transcode import transcode
-from tests.conftest import data_file
+from tests.conftest import data_file, one_rule_config
 
 LOSSLESS = [uid.JPEGLSLossless, uid.JPEG2000Lossless, uid.RLELossless, uid.HTJ2KLossless,
             uid.HTJ2KLosslessRPCL]  # fmt: skip
@@ -130,12 +129,7 @@ def test_pixel_data_not_where_pydicom_read_it_is_never_guessed(tmp_path, monkeyp
 def test_the_worker_splices_a_ct_slice(tmp_path, monkeypatch):
     """process_entry, as a worker runs it, takes the spliced path and its file reads back."""
     source = received(tmp_path, "CT_small.dcm")
-    config = parse_config(
-        "destinations: {a: {type: folder, path: ./a}}\n"
-        "rules: [{name: r, transcode: {syntax: JPEGLSLossless}, send_to: [a]}]\n",
-        "node.yaml",
-        tmp_path,
-    )
+    config = one_rule_config(tmp_path, "JPEGLSLossless")
     calls = []
     real = output_file._splice
     monkeypatch.setattr(output_file, "_splice", lambda *a: calls.append(real(*a)) or calls[-1])
@@ -171,12 +165,7 @@ def test_the_worker_splices_a_spooled_instance_as_pydicom_would_write_it(tmp_pat
     """A file as the spool holds it (c_store's File Meta): process_entry reads it once, splices,
     and writes the File Meta by hand, byte for byte what dcmwrite writes for the same output."""
     source = spool_file(tmp_path, "CT_small.dcm")
-    config = parse_config(
-        "destinations: {a: {type: folder, path: ./a}}\n"
-        "rules: [{name: r, transcode: {syntax: HTJ2KLossless}, send_to: [a]}]\n",
-        "node.yaml",
-        tmp_path,
-    )
+    config = one_rule_config(tmp_path, "HTJ2KLossless")
     outcome = process.process_entry(SpoolEntry(source), config, tmp_path / "out.dcm")
     assert outcome.outcome == "recompressed", outcome.notes
     out = dcmread(tmp_path / "out.dcm")

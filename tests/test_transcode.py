@@ -12,7 +12,7 @@ from pydicom.pixels import iter_pixels, pixel_array
 from node import transcode as transcode_module
 from node.syntaxes import Target, TranscodeSpec
 from node.transcode import transcode
-from tests.conftest import data_file
+from tests.conftest import data_file, one_rule_config
 
 
 def spec(syntax, *fallback: Target, **params) -> TranscodeSpec:
@@ -326,7 +326,6 @@ def test_large_pixel_data_is_read_from_disk_frame_by_frame(tmp_path, monkeypatch
     """A large multi-frame instance: Pixel Data stays deferred on disk (never loaded whole),
     frames come from the file one at a time, and the output is still bit-exact."""
     from node import process
-    from node.config import parse_config
     from node.spool import SpoolEntry
 
     monkeypatch.setattr(process, "LARGE_PIXEL_DATA", 1024)
@@ -340,12 +339,7 @@ def test_large_pixel_data_is_read_from_disk_frame_by_frame(tmp_path, monkeypatch
         return real(ds, facts, pixel_source)
 
     monkeypatch.setattr(transcode_module, "decoded_frames", spy)
-    config = parse_config(
-        "destinations: {a: {type: folder, path: ./a}}\n"
-        "rules: [{name: r, transcode: {syntax: HTJ2KLossless}, send_to: [a]}]\n",
-        "node.yaml",
-        tmp_path,
-    )
+    config = one_rule_config(tmp_path, "HTJ2KLossless")
     outcome = process.process_entry(SpoolEntry(source), config, tmp_path / "out.dcm")
     assert outcome.outcome == "recompressed", outcome.notes
     assert seen == [(source, True)]
