@@ -81,10 +81,10 @@ def _meta_values(meta: FileMetaDataset) -> dict[int, str] | None:
             return None
         values[tag] = value
     uids = [values.get(t, "") for t in (0x00020002, 0x00020003, 0x00020010, 0x00020012)]
-    titles = [values.get(t, "") for t in (0x00020013, 0x00020016, 0x00020017, 0x00020018)]
     if not all(uids) or 0x00020013 not in values or not plain_uids(*uids):
         return None  # pydicom adds or refuses what is missing
-    if any(len(title) > 16 for title in titles):
+    short = [values.get(t, "") for t in (0x00020013, 0x00020016, 0x00020017, 0x00020018)]
+    if any(len(value) > 16 for value in short):  # meta_group would cut an AE title there
         return None
     return values
 

@@ -88,7 +88,7 @@ def keep_freed_memory_for_reuse() -> bool:
 
     By default glibc hands a large freed block back to the kernel at once (blocks from 128 KiB
     are mmapped, and the heap top is trimmed), so every frame's buffers were page-faulted and
-    zeroed again: a quarter of a CT slice's codec time went to the kernel (bench/throughput.py).
+    zeroed again: 3.5-5 ms of a CT slice's ~20 ms of codec step went to the kernel (getrusage).
     Blocks up to 32 MiB now come from the heap, and up to KEPT_FOR_REUSE of free heap is kept.
     Larger frames (a big multi-frame instance) are still mapped and unmapped one by one. False
     where the C library has no mallopt (musl, macOS): nothing is tuned there.

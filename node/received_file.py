@@ -1,6 +1,7 @@
 """The bytes of a received C-STORE: how its PDUs are read (pynetdicom's reads, made large) and
 the spool's File Meta Information that goes in front of its dataset (node/c_store.py writes
-both into the received file).
+both into the received file). The same File Meta encoder writes the spliced outputs' group
+(node/output_file.py).
 """
 
 from __future__ import annotations
