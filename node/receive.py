@@ -1,5 +1,6 @@
-"""The Storage SCP: the only module that knows pynetdicom serves. A C-STORE is written to the
-spool and fsync'd, and only then answered Success; nothing here decodes pixels.
+"""The Storage SCP: pynetdicom's server and the association policy (with node/c_store.py, the
+only modules that know pynetdicom serves). A C-STORE is written to the spool and fsync'd, and
+only then answered Success; nothing here decodes pixels.
 
 pynetdicom negotiates, releases and answers C-ECHO; C-STORE requests never reach its DIMSE
 layer (node/c_store.py serves them in the socket's thread). Were one to, pynetdicom's default

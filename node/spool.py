@@ -51,23 +51,21 @@ def write_durably(
     tmp_dir: Path,
     head: bytes = b"",
     source: Path | None = None,
-    offset: int = 0,
     sync_directory: bool = True,
 ) -> int:
-    """Write `head` and then `source` (from `offset` on) to a temporary file in `tmp_dir`,
-    fsync, rename to `path`, fsync the directory (unless the caller does that for several
-    files: `sync_directory=False`). Returns the bytes written.
+    """Write `head` and then `source` to a temporary file in `tmp_dir`, fsync, rename to
+    `path`, fsync the directory (unless the caller does that for several files:
+    `sync_directory=False`). Returns the bytes written.
 
     `tmp_dir` must be on the same filesystem as `path` so the rename is atomic. The source is
-    copied by the kernel (copy_file_range), never through Python buffers: on the receive path
-    that is the dataset pynetdicom just wrote.
+    copied by the kernel (copy_file_range), never through Python buffers.
     """
     tmp = tmp_dir / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
         written = _write_all(fd, head)
         if source is not None:
-            written += _copy(source, offset, fd)
+            written += _copy(source, fd)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -112,18 +110,18 @@ def _fsync_and_rename(source: Path, target: Path, mode: int | None = None) -> in
     return size
 
 
-def _copy(source: Path, offset: int, fd: int) -> int:
-    """Append `source` from `offset` to `fd`; a large file is fdatasync'd every SYNC_EVERY
-    bytes so other fsyncs (small instances' acks) do not queue behind a gigabyte."""
+def _copy(source: Path, fd: int) -> int:
+    """Append `source` to `fd`; a large file is fdatasync'd every SYNC_EVERY bytes so other
+    fsyncs (small instances' acks) do not queue behind a gigabyte."""
     copied = unsynced = 0
     with source.open("rb") as f:
         while True:
             try:
-                n = os.copy_file_range(f.fileno(), fd, SYNC_EVERY, offset + copied)
+                n = os.copy_file_range(f.fileno(), fd, SYNC_EVERY, copied)
             except OSError as exc:  # e.g. across filesystems on older kernels: copy ourselves
                 if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
                     raise
-                f.seek(offset + copied)
+                f.seek(copied)
                 n = _write_all(fd, f.read(SYNC_EVERY))
             if n == 0:
                 return copied
@@ -212,22 +210,18 @@ class Spool:
         self, file_meta: FileMetaDataset, dataset_bytes: bytes, config_key: str = "0"
     ) -> SpoolEntry:
         """Durably store one received instance; when this returns, Success may be sent."""
-        return self._store(part10_header(file_meta) + dataset_bytes, None, 0, config_key)
+        path = self._incoming_path(config_key)
+        self._account(write_durably(path, self.tmp, part10_header(file_meta) + dataset_bytes))
+        return SpoolEntry(path)
 
     def adopt_received(self, received: Path, config_key: str = "0") -> SpoolEntry:
-        """As `store`, for a complete Part 10 file the receiver wrote in tmp/: fsync'd and
-        renamed into incoming/, never copied (a copy costs as much CPU as receiving did)."""
-        if received.parent != self.tmp:
-            return self._store(b"", received, 0, config_key)
+        """As `store`, for a complete Part 10 file the receiver wrote in tmp/ (the same
+        filesystem): fsync'd and renamed into incoming/, never copied (a copy costs as much CPU
+        as receiving did)."""
         path = self._incoming_path(config_key)
         # 0o640 as write_durably's files, not the temporary file's 0600
         self._account(_fsync_and_rename(received, path, mode=0o640))
         fsync_directory(self.incoming)
-        return SpoolEntry(path)
-
-    def _store(self, head: bytes, source: Path | None, offset: int, config_key: str) -> SpoolEntry:
-        path = self._incoming_path(config_key)
-        self._account(write_durably(path, self.tmp, head, source, offset))
         return SpoolEntry(path)
 
     def _incoming_path(self, config_key: str) -> Path:
