@@ -73,14 +73,24 @@ C library set to keep freed buffers, as in the node's workers: node/process.py):
                between the two ceilings is what parsing, verification and writing cost.
 Each ceiling is the faster of 2 timed passes over the corpus, and every run of a peer (node or
 Orthanc, one or two senders) the faster of 2 runs: this VM's speed drifts by 15% over minutes,
-and the same rule for all keeps the ratios fair. A crashed run is not repeated.
+and the same rule for all keeps the ratios fair. A crashed run is not repeated. The node's runs
+that are compared with each other are taken in turns: one sender, two senders and (CT) `keep`,
+then again, so drift falls on all of them alike; the ack time target compares a syntax's run
+with the `keep` runs taken in turns with it.
+
+CPU per instance: the whole machine's busy CPU time in each timed window (/proc/stat: user,
+nice, system, irq, softirq; hypervisor steal and idle excluded) divided by the instances: what
+the sender, the peer and the kernel cost together. For the ceiling, in its best pass. A table
+per corpus sets them side by side, with c/(c+k): with the codec step costing c (the ceiling)
+and receiving, spooling and delivering k (the node with `keep`) on the same cores, node/ceiling
+cannot go much above it.
 
 Concurrency: the same runs with two storescu processes started together, one with the first
 half of the corpus, one with the second (two associations), for the node (all syntaxes) and
 Orthanc; total images/s from their start until the last instance of both is durable.
 
-A row's measurements (ceilings, node and Orthanc, one and two senders) run one after the other,
-so they see similar conditions. The machine may be shared: for every timed window the bench
+A row's measurements (ceilings, node, Orthanc) run one after the other, so they see similar
+conditions. The machine may be shared: for every timed window the bench
 computes the share of all CPUs used by processes outside its own process tree (/proc/stat busy
 time minus the CPU time of the bench and its descendants); windows above 15% are named in the
 notes, and the average is printed at the end. Read such cells with care.
@@ -196,6 +206,7 @@ RLE = Syntax("RLELossless", "RLE lossless", "RLE", "1.2.840.10008.1.2.5", True)
 HTJ2K = Syntax("HTJ2KLossless", "HTJ2K lossless", "HTJ2K", HTJ2K_UID, False)
 KEEP = Syntax("keep", "keep (as received)", "keep", None, False)
 SYNTAXES = (JLS, J2K, RLE, HTJ2K)
+CEILING_FLOORS = {J2K.name: 0.8, JLS.name: 0.6, RLE.name: 0.6, HTJ2K.name: 0.6}  # node/ceiling
 BY_NAME = {s.name: s for s in (*SYNTAXES, KEEP)}
 
 
@@ -277,9 +288,10 @@ def machine_busy_ticks() -> int:
     return user + nice + system + irq + softirq
 
 
-class OtherLoad:
-    """How much of the machine's CPU processes outside this bench's process tree used in a
-    window (0.0-1.0 of all cores): the machine is shared, and this says which numbers suffered."""
+class CpuWindow:
+    """The machine's CPU use in a window: all of it (every process and the kernel, hypervisor
+    steal excluded), and the share of all cores used by processes outside this bench's tree
+    (0.0-1.0): the machine is shared, and that says which numbers suffered."""
 
     def __init__(self) -> None:
         self._start = self._snapshot()
@@ -289,12 +301,14 @@ class OtherLoad:
         ours = sum(_cpu_ticks(pid) for pid in tree_pids(os.getpid()))
         return time.monotonic(), machine_busy_ticks(), ours
 
-    def share(self) -> float:
+    def close(self) -> tuple[float, float]:
+        """(CPU-seconds the whole machine was busy, the share others used)."""
         t0, busy0, ours0 = self._start
         t1, busy1, ours1 = self._snapshot()
         capacity = (t1 - t0) * CLOCK_TICKS * CPU
         others = (busy1 - busy0) - (ours1 - ours0)
-        return max(0.0, min(1.0, others / capacity)) if capacity > 0 else 0.0
+        share = max(0.0, min(1.0, others / capacity)) if capacity > 0 else 0.0
+        return (busy1 - busy0) / CLOCK_TICKS, share
 
 
 class RssSampler:
@@ -614,6 +628,8 @@ class Run:
     stored_bytes: int | None = None
     stored_syntaxes: dict[str, int] = field(default_factory=dict)
     other_load: float | None = None  # CPU share of processes outside the bench, timed window
+    cpu_seconds: float | None = None  # the whole machine's busy CPU in the timed window
+    beside: str = ""  # a keep run taken in turns with this syntax's runs (the ack time target)
     tries: list[float] = field(default_factory=list)  # img/s of each run; this is the fastest
 
     @property
@@ -632,6 +648,11 @@ class Run:
     def ratio(self) -> float | None:
         return self.input_bytes / self.stored_bytes if self.ok and self.stored_bytes else None
 
+    @property
+    def cpu_ms(self) -> float | None:
+        """The machine's CPU per instance: sender, peer and kernel together."""
+        return self.cpu_seconds * 1000 / self.images if self.ok and self.cpu_seconds else None
+
 
 @dataclass
 class Ceiling:
@@ -644,11 +665,17 @@ class Ceiling:
     seconds: float | None = None
     output_bytes: int | None = None
     other_load: float | None = None
+    cpu_seconds: float | None = None  # the machine's busy CPU in the best pass
     passes: list[float] = field(default_factory=list)  # seconds of each timed pass
 
     @property
     def rate(self) -> float | None:
         return self.images / self.seconds if self.status == "ok" and self.seconds else None
+
+    @property
+    def cpu_ms(self) -> float | None:
+        ok = self.status == "ok" and self.cpu_seconds
+        return self.cpu_seconds * 1000 / self.images if ok and self.cpu_seconds else None
 
 
 @dataclass
@@ -835,7 +862,7 @@ class Bench:
             n = len(corpus.files)
             halves = [corpus.files[n * i // senders : n * (i + 1) // senders]
                       for i in range(senders)]  # fmt: skip
-            load = OtherLoad()
+            window = CpuWindow()
             started = time.monotonic()
             sends = [
                 Sender(self.procs, peer.port, peer.aet, files,
@@ -843,7 +870,7 @@ class Bench:
                 for i, files in enumerate(halves)
             ]  # fmt: skip
             status, run.got, durable = self._wait_durable(peer, base, run.images, sends)
-            run.other_load = load.share()
+            run.cpu_seconds, run.other_load = window.close()
             run.status = status
             if status == "ok":
                 assert durable is not None
@@ -940,43 +967,65 @@ class Bench:
             time.sleep(POLL)
         return True
 
-    def node_run(self, corpus: Corpus, syntax: Syntax, senders: int) -> Run:
+    def node_runs(
+        self, corpus: Corpus, syntax: Syntax, senders: tuple[int, ...], with_keep: bool = False
+    ) -> list[Run]:
+        """The node with each number of senders (and, `with_keep`, the node with rule `keep`),
+        measured in turns (1, 2, keep, 1, 2, keep): this VM's speed drifts by 15% within
+        minutes, and these figures are compared with each other."""
         if syntax.name in self.node_lacks:
-            run = Run("node", corpus.kind.key, syntax.name, senders, len(corpus.files),
-                      corpus.file_bytes, corpus.pixel_bytes, status="n/a",
-                      detail=f"node lacks {syntax.name}")  # fmt: skip
+            runs = [Run("node", corpus.kind.key, syntax.name, n, len(corpus.files),
+                        corpus.file_bytes, corpus.pixel_bytes, status="n/a",
+                        detail=f"node lacks {syntax.name}") for n in senders]  # fmt: skip
         else:
-            run = self._fastest(lambda: self.measure(
-                corpus, syntax, senders, "node", self._node_peer(syntax)))  # fmt: skip
-        self._record(run)
-        return run
+            measures = [self._node_measure(corpus, syntax, n) for n in senders]
+            if with_keep:
+                measures.append(self._node_measure(corpus, KEEP, 1))
+            runs = self._fastest(*measures)
+            if with_keep:
+                runs[-1].beside = syntax.name
+        for run in runs:
+            self._record(run)
+        return runs
+
+    def _node_measure(self, corpus: Corpus, syntax: Syntax, senders: int) -> Callable[[], Run]:
+        return lambda: self.measure(corpus, syntax, senders, "node", self._node_peer(syntax))
 
     @staticmethod
-    def _fastest(measure: Callable[[], Run]) -> Run:
-        """The fastest of RUNS runs; a run that did not succeed is reported, not repeated."""
-        best: Run | None = None
-        rates: list[float] = []
+    def _fastest(*measures: Callable[[], Run]) -> list[Run]:
+        """For each measurement the fastest of RUNS runs, the measurements taken in turns; a
+        run that did not succeed is reported, and that measurement not repeated."""
+        best: list[Run | None] = [None] * len(measures)
+        rates: list[list[float]] = [[] for _ in measures]
+        failed: set[int] = set()
         for _ in range(RUNS):
-            run = measure()
-            if not run.ok:
-                return run if best is None else best
-            rates.append(cast(float, run.rate))
-            if best is None or cast(float, run.rate) > cast(float, best.rate):
-                best = run
-        assert best is not None
-        best.tries = rates
-        return best
+            for i, measure in enumerate(measures):
+                if i in failed:
+                    continue
+                run = measure()
+                if not run.ok:
+                    failed.add(i)
+                    best[i] = best[i] or run
+                    continue
+                rates[i].append(cast(float, run.rate))
+                if best[i] is None or cast(float, run.rate) > cast(float, best[i].rate):
+                    best[i] = run
+        done = [cast(Run, run) for run in best]
+        for run, tries in zip(done, rates, strict=True):
+            if run.ok:
+                run.tries = tries
+        return done
 
     def orthanc_run(self, corpus: Corpus, syntax: Syntax, senders: int) -> Run:
         """Orthanc + GDCM plugin as configured by Debian (plugins transcode first). If it
         crashes on a syntax GDCM need not handle (not JPEG 2000), once more with GDCM limited
         to JPEG 2000, so Orthanc's built-in DCMTK codec does the work (ORTHANC_DCMTK)."""
-        run = self._fastest(lambda: self.measure(
+        [run] = self._fastest(lambda: self.measure(
             corpus, syntax, senders, "Orthanc", self._orthanc_peer(syntax, False)))  # fmt: skip
         self._record(run)
         if run.status == "crashed" and syntax is not J2K:
             peer = self._orthanc_peer(syntax, True)
-            again = self._fastest(
+            [again] = self._fastest(
                 lambda: self.measure(corpus, syntax, senders, ORTHANC_DCMTK, peer)
             )
             self._record(again)
@@ -984,7 +1033,8 @@ class Bench:
 
     def _record(self, run: Run) -> None:
         self.runs.append(run)
-        what = f"{run.corpus} {run.syntax} {run.peer}, {run.senders} sender(s):"
+        beside = f" (in turns with {run.beside})" if run.beside else ""
+        what = f"{run.corpus} {run.syntax} {run.peer}, {run.senders} sender(s){beside}:"
         if run.ok:
             tries = f" (fastest of {', '.join(f'{r:.1f}' for r in run.tries)})" if len(
                 run.tries) > 1 else ""  # fmt: skip
@@ -996,9 +1046,17 @@ class Bench:
 
     def find(self, peer: str, corpus: str, syntax: str, senders: int = 1) -> Run | None:
         for run in self.runs:
-            if (run.peer, run.corpus, run.syntax, run.senders) == (peer, corpus, syntax, senders):
+            if (run.peer, run.corpus, run.syntax, run.senders) == (peer, corpus, syntax, senders) \
+                    and not run.beside:
                 return run
         return None
+
+    def keep_beside(self, corpus: str, syntax: str) -> Run | None:
+        """The keep run taken in turns with `syntax`'s, else the corpus's keep run."""
+        for run in self.runs:
+            if (run.corpus, run.syntax, run.beside) == (corpus, KEEP.name, syntax):
+                return run
+        return self.find("node", corpus, KEEP.name)
 
     # --- ceilings ----------------------------------------------------------------------
 
@@ -1021,13 +1079,14 @@ class Bench:
                 raise BenchError(f"only {len(pids)} of {CPU} ceiling workers started")
             best = None
             for _ in range(CEILING_PASSES):  # the best pass: a ceiling, on a shared machine
-                load = OtherLoad()
+                window = CpuWindow()
                 started = time.perf_counter()
                 outcomes = list(pool.map(_ceiling_task, range(len(corpus.files))))
                 seconds = time.perf_counter() - started
                 result.passes.append(seconds)
+                cpu_seconds, others = window.close()
                 if best is None or seconds < best:
-                    best, result.other_load = seconds, load.share()
+                    best, result.cpu_seconds, result.other_load = seconds, cpu_seconds, others
             result.seconds = best
             graceful = True
             bad = [text for text, _ in outcomes if text != "ok"]
@@ -1086,7 +1145,7 @@ class Bench:
             sampler = RssSampler(peer.pid)
             result.rss_before = min(sampler.sample()[1] for _ in range(5))
             sampler.start()
-            load = OtherLoad()
+            window = CpuWindow()
             started = time.monotonic()
             sender = Sender(self.procs, peer.port, peer.aet, [path],
                             self.logs / "large-storescu.log", STORESCU_OPTIONS)  # fmt: skip
@@ -1094,7 +1153,7 @@ class Bench:
                 peer, base, 1, [sender], stall=LARGE_TIMEOUT, limit=LARGE_TIMEOUT
             )
             sampler.stop()
-            result.other_load = load.share()
+            _, result.other_load = window.close()
             acked = sender.done_at
             if acked is not None and not sender.failed:
                 result.receive_seconds = acked - started
@@ -1277,6 +1336,33 @@ def _rate_cell_ceiling(c: Ceiling | None) -> str:
     return _num(c.rate) if c.rate else c.status
 
 
+def cpu_table(bench: Bench, corpus: Corpus) -> str:
+    """CPU per instance, the whole machine's (sender, peer, kernel), and the node/ceiling the
+    machine allows: with the codec step costing what the ceiling measured (c) and receiving
+    what `keep` measured (k), node/ceiling cannot exceed c / (c + k) while they share the
+    cores."""
+    key = corpus.kind.key
+    keep = bench.find("node", key, KEEP.name)
+    k = keep.cpu_ms if keep else None
+    header = ["syntax", "node ms/img", "Orthanc ms/img", "codec ms/img (ceiling)",
+              "keep ms/img", "node/ceil", "at most c/(c+k)", "target"]  # fmt: skip
+    rows = []
+    for syntax in SYNTAXES:
+        node = bench.find("node", key, syntax.name)
+        orth = orthanc_result(bench, key, syntax.name) if syntax.orthanc else None
+        ceiling = bench.find_ceiling(key, syntax.name, "verified")
+        c = ceiling.cpu_ms if ceiling else None
+        rows.append([
+            syntax.label, _num(node.cpu_ms if node else None),
+            orth.cell(_num(orth.run.cpu_ms if orth.run else None)) if orth else "n/a",
+            _num(c), _num(k),
+            _num(_div(node.rate if node else None, ceiling.rate if ceiling else None), 2),
+            _num(_div(c, c + k) if c is not None and k is not None else None, 2),
+            f">= {CEILING_FLOORS[syntax.name]}",
+        ])  # fmt: skip
+    return table(header, rows)
+
+
 def senders_table(bench: Bench, corpus: Corpus) -> str:
     key = corpus.kind.key
     header = ["syntax", "node 1 snd", "node 2 snd", "2/1", "node ack s (2)", "Orthanc 1 snd",
@@ -1341,7 +1427,8 @@ def evaluate_targets(bench: Bench, corpora: list[Corpus]) -> list[Target]:
                 na(f"{what} node {rate_text(node)}, Orthanc {rate_text(orth.run)}")
     for corpus in corpora:
         key, up = corpus.kind.key, corpus.kind.key.upper()
-        for syntax, floor in ((J2K, 0.8), (JLS, 0.6), (RLE, 0.6), (HTJ2K, 0.6)):
+        for syntax in (J2K, JLS, RLE, HTJ2K):
+            floor = CEILING_FLOORS[syntax.name]
             node = bench.find("node", key, syntax.name)
             ceiling = bench.find_ceiling(key, syntax.name, "verified")
             what = f"{up} {syntax.short} node/ceiling >= {floor}:"
@@ -1376,13 +1463,14 @@ def evaluate_targets(bench: Bench, corpora: list[Corpus]) -> list[Target]:
             else:
                 na(f"{what} 1 sender {rate_text(one)}, 2 senders {rate_text(two)}")
     if "CT" in keys:
-        keep = bench.find("node", "ct", KEEP.name)
         for syntax in SYNTAXES:
-            node = bench.find("node", "ct", syntax.name)
+            node, keep = bench.find("node", "ct", syntax.name), bench.keep_beside("ct", syntax.name)
             what = f"CT {syntax.short} ack time <= 1.5x keep:"
             if node and node.ok and node.ack and keep and keep.ok and keep.ack:
                 r = node.ack / keep.ack
-                check(r <= 1.5, f"{what} {node.ack:.2f} s vs keep {keep.ack:.2f} s = {r:.2f}x")
+                turns = " (in turns with it)" if keep.beside else ""
+                check(r <= 1.5,
+                      f"{what} {node.ack:.2f} s vs keep {keep.ack:.2f} s{turns} = {r:.2f}x")
             else:
                 na(f"{what} node {rate_text(node)}, keep {rate_text(keep)}")
     large = bench.large
@@ -1455,6 +1543,14 @@ def print_report(
         print(f"{corpus.kind.key.upper()}: {n} x {corpus.kind.label}, {size:.2f} MiB each, "
               "1 sender (one association)")  # fmt: skip
         print(corpus_table(bench, corpus))
+    for corpus in corpora:
+        print()
+        print(f"{corpus.kind.key.upper()}: CPU milliseconds per instance, the whole machine's "
+              "(sender, peer, kernel; hypervisor steal excluded), 1 sender. keep: the node "
+              "receiving, spooling and delivering without a codec. c/(c+k): about the "
+              "highest node/ceiling these cores allow while receiving costs k and the codec "
+              "step c")  # fmt: skip
+        print(cpu_table(bench, corpus))
     for corpus in corpora:
         print()
         print(f"{corpus.kind.key.upper()}: two senders at once (two associations, half the "
@@ -1582,13 +1678,13 @@ def main(argv: list[str] | None = None) -> int:
         facts = machine_facts()
         bench.check_node_syntaxes()
         for corpus in corpora:
-            bench.node_run(corpus, KEEP, 1)
+            bench.node_runs(corpus, KEEP, (1,))
             for syntax in SYNTAXES:  # a row's measurements close together in time
                 for mode in ("verified", "encode-only"):
                     bench.ceiling(corpus, syntax, mode)
-                for senders in (1, 2):
-                    bench.node_run(corpus, syntax, senders)
-                    if syntax.orthanc:
+                bench.node_runs(corpus, syntax, (1, 2), with_keep=corpus.kind is CT)
+                if syntax.orthanc:
+                    for senders in (1, 2):
                         bench.orthanc_run(corpus, syntax, senders)
         if not (args.quick or args.no_large):
             bench.large_instance(corpora[0].warmups)
