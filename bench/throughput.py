@@ -90,10 +90,10 @@ half of the corpus, one with the second (two associations), for the node (all sy
 Orthanc; total images/s from their start until the last instance of both is durable.
 
 A row's measurements (ceilings, node, Orthanc) run one after the other, so they see similar
-conditions. The machine may be shared: for every timed window the bench
-computes the share of all CPUs used by processes outside its own process tree (/proc/stat busy
-time minus the CPU time of the bench and its descendants); windows above 15% are named in the
-notes, and the average is printed at the end. Read such cells with care.
+conditions. The machine may be shared: for every timed window the bench computes the share of
+all CPUs used by processes outside its own process tree (/proc/stat busy time minus the CPU
+time of the bench and its descendants); windows above 15% are named in the notes, and the
+average is printed at the end. Read such cells with care.
 
 Large multi-frame (skipped with --no-large or --quick): one instance of 512 frames 1024x1024
 (Multi-frame Grayscale Word Secondary Capture, MONOCHROME2, 16 allocated, 12 stored, 1 GiB of
@@ -674,7 +674,7 @@ class Ceiling:
 
     @property
     def cpu_ms(self) -> float | None:
-        ok = self.status == "ok" and self.cpu_seconds
+        ok = self.status == "ok"
         return self.cpu_seconds * 1000 / self.images if ok and self.cpu_seconds else None
 
 
@@ -1337,10 +1337,9 @@ def _rate_cell_ceiling(c: Ceiling | None) -> str:
 
 
 def cpu_table(bench: Bench, corpus: Corpus) -> str:
-    """CPU per instance, the whole machine's (sender, peer, kernel), and the node/ceiling the
-    machine allows: with the codec step costing what the ceiling measured (c) and receiving
-    what `keep` measured (k), node/ceiling cannot exceed c / (c + k) while they share the
-    cores."""
+    """CPU per instance, the whole machine's (sender, peer, kernel), and about the highest
+    node/ceiling the machine allows: with the codec step costing what the ceiling measured (c)
+    and receiving what `keep` measured (k) on the same cores, c / (c + k)."""
     key = corpus.kind.key
     keep = bench.find("node", key, KEEP.name)
     k = keep.cpu_ms if keep else None
