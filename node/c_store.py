@@ -351,11 +351,13 @@ class _StoreStream:
             partial.close()
             if partial.problem is not None:
                 refusal = _OUT_OF_RESOURCES, partial.problem
-            else:
-                status = self._store(partial)
-            partial.discard()  # gone already when it was stored (renamed into the spool)
         if refusal is not None:
             status = self._storer.refuse(self._calling, refusal[1], refusal[0])
+        else:
+            assert partial is not None  # a request has a file or a refusal
+            status = self._store(partial)
+        if partial is not None:
+            partial.discard()  # gone already when it was stored (renamed into the spool)
         log.debug("C-STORE %s from %s: 0x%04X", request.sop_instance, self._calling, status)
         max_length = self._provider.assoc.requestor.maximum_length
         self._provider.socket.send(  # type: ignore[union-attr]

@@ -119,7 +119,8 @@ def process_entry(
     warnings.filterwarnings("ignore", module="pydicom")
     try:
         size = entry.path.stat().st_size
-        whole = size <= min(READ_AT_ONCE, LARGE_PIXEL_DATA)  # else Pixel Data stays on disk
+        # never read whole an instance whose Pixel Data stays on disk (LARGE_PIXEL_DATA)
+        whole = size <= min(READ_AT_ONCE, LARGE_PIXEL_DATA)
         received = entry.path.read_bytes() if whole else None
         ds = dcmread(BytesIO(received) if received is not None else entry.path,
                      defer_size=LARGE_PIXEL_DATA)  # fmt: skip

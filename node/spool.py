@@ -28,10 +28,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom.dataset import FileMetaDataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
-
 from node.config import Config, ConfigError, parse_config
 
 SYNC_EVERY = 64 << 20  # bytes written between fdatasyncs of a large file
@@ -139,15 +135,6 @@ def _write_all(fd: int, data: bytes) -> int:
     return done
 
 
-def part10_header(file_meta: FileMetaDataset) -> bytes:
-    """Preamble, 'DICM' and the encoded File Meta Information group."""
-    buf = DicomBytesIO()
-    buf.is_little_endian = True
-    buf.is_implicit_VR = False
-    write_file_meta_info(buf, file_meta, enforce_standard=True)
-    return b"\0" * 128 + b"DICM" + buf.getvalue()
-
-
 @dataclass(frozen=True, order=True)
 class SpoolEntry:
     path: Path
@@ -206,18 +193,10 @@ class Spool:
             count += 1
         return count
 
-    def store(
-        self, file_meta: FileMetaDataset, dataset_bytes: bytes, config_key: str = "0"
-    ) -> SpoolEntry:
-        """Durably store one received instance; when this returns, Success may be sent."""
-        path = self._incoming_path(config_key)
-        self._account(write_durably(path, self.tmp, part10_header(file_meta) + dataset_bytes))
-        return SpoolEntry(path)
-
     def adopt_received(self, received: Path, config_key: str = "0") -> SpoolEntry:
-        """As `store`, for a complete Part 10 file the receiver wrote in tmp/ (the same
-        filesystem): fsync'd and renamed into incoming/, never copied (a copy costs as much CPU
-        as receiving did)."""
+        """Durably store one received instance, a complete Part 10 file the receiver wrote in
+        tmp/ (the same filesystem): fsync'd and renamed into incoming/, never copied (a copy
+        costs as much CPU as receiving did). When this returns, Success may be sent."""
         path = self._incoming_path(config_key)
         # 0o640 as write_durably's files, not the temporary file's 0600
         self._account(_fsync_and_rename(received, path, mode=0o640))
