@@ -26,7 +26,7 @@ import os
 import struct
 import tempfile
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -49,7 +49,7 @@ _COMMAND, _LAST = 0x01, 0x02  # PDV message control header bits (PS3.8 E.2)
 _PROCESSING_FAILURE = 0x0110
 _SOP_CLASS_NOT_SUPPORTED = 0x0122
 _CANNOT_UNDERSTAND = 0xC000
-_OUT_OF_RESOURCES = 0xA700
+OUT_OF_RESOURCES = 0xA700  # the sender may retry later
 
 _original_read_pdu_data = DULServiceProvider._read_pdu_data
 
@@ -60,6 +60,8 @@ class Storer(Protocol):
     def store_received(self, received: Path, size: int, calling: str) -> int: ...
 
     def refuse(self, calling: str, why: str, status: int = ...) -> int: ...
+
+    def room_problem(self) -> str | None: ...
 
     @property
     def max_instance_size(self) -> int: ...
@@ -193,13 +195,16 @@ class _PartialFile:
     written as they arrive. Holds no reference to the association, so that a finalizer can
     remove it when the association goes away mid-message."""
 
-    def __init__(self, folder: Path, header: bytes, max_dataset: int):
+    def __init__(
+        self, folder: Path, header: bytes, max_dataset: int, room: Callable[[], str | None]
+    ):
         self.fd, name = tempfile.mkstemp(suffix=".dcm", dir=folder)
         self.path = Path(name)
         self.dataset_offset = len(header)
         self.written = 0
         self.problem: str | None = None  # why it is refused (0xA700); its file is gone
         self._most = len(header) + max_dataset  # bytes the file may hold
+        self._room = room  # why the spool has no room (a large instance is refused midway)
         self._unsynced = 0
         self.write(header)
 
@@ -223,8 +228,11 @@ class _PartialFile:
             if self._unsynced >= SYNC_EVERY:  # a large instance: its fsync at the end is short
                 os.fdatasync(self.fd)
                 self._unsynced = 0
+                # refused when it is complete anyway: refused now, before the disk fills up
+                self.problem = self._room()
         except OSError as exc:
             self.problem = f"cannot write it: {exc}"
+        if self.problem is not None:
             self.discard()
 
     def close(self) -> None:
@@ -304,12 +312,15 @@ class _StoreStream:
             return
         self._request = request
         self._refusal = self._refusal_of(request)
+        if self._refusal is None and (problem := self._storer.room_problem()):
+            self._refusal = OUT_OF_RESOURCES, problem  # nothing of it reaches the disk
         if self._refusal is None:
             try:
                 header = self._file_header(request)
-                partial = _PartialFile(self._folder, header, self._storer.max_instance_size)
+                partial = _PartialFile(self._folder, header, self._storer.max_instance_size,
+                                       self._storer.room_problem)  # fmt: skip
             except OSError as exc:  # no file to write into: read the dataset and say so
-                self._refusal = _OUT_OF_RESOURCES, f"cannot create its file: {exc}"
+                self._refusal = OUT_OF_RESOURCES, f"cannot create its file: {exc}"
                 return
             self._file = partial
             self._finalizer = weakref.finalize(self._provider, partial.discard)
@@ -350,7 +361,7 @@ class _StoreStream:
         if partial is not None:
             partial.close()
             if partial.problem is not None:
-                refusal = _OUT_OF_RESOURCES, partial.problem
+                refusal = OUT_OF_RESOURCES, partial.problem
         if refusal is not None:
             status = self._storer.refuse(self._calling, refusal[1], refusal[0])
         else:

@@ -32,7 +32,6 @@ from node.tls import server_context
 log = logging.getLogger("dicom_node.receive")
 
 STATUS_SUCCESS = 0x0000
-STATUS_OUT_OF_RESOURCES = 0xA700
 
 
 def storage_sop_classes() -> list[str]:
@@ -183,7 +182,7 @@ class StorageSCP:
         """Spool a received file in the spool's tmp/ (its Part 10 header, with the AE titles
         rules may route on, then a dataset of `size` bytes); the C-STORE status to answer."""
         config = self.config  # one configuration for the whole request, whatever reloads do
-        problem = self.spool.room_problem()
+        problem = self.room_problem()  # again: other associations may have filled it meanwhile
         if problem:  # the sender may retry later; never Success without storage
             return self.refuse(calling, problem)
         try:  # c_store refused it already if it is above limits.max_instance_size
@@ -199,8 +198,16 @@ class StorageSCP:
     def max_instance_size(self) -> int:
         return self.config.limits.max_instance_size
 
+    def room_problem(self) -> str | None:
+        """Why the spool cannot take an instance now (asked before any of it is written, and
+        again before it is stored), or None."""
+        try:
+            return self.spool.room_problem()
+        except OSError as exc:  # e.g. the spool's disk is gone: nothing can be stored
+            return f"cannot tell whether the spool has room: {exc}"
+
     @staticmethod
-    def refuse(calling: str, why: str, status: int = STATUS_OUT_OF_RESOURCES) -> int:
+    def refuse(calling: str, why: str, status: int = c_store.OUT_OF_RESOURCES) -> int:
         """A failure status, logged and counted; by default 0xA700 Out of Resources (the
         sender may try again later)."""
         log.error("refused an instance from %s with 0x%04X: %s", calling, status, why)

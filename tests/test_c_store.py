@@ -174,15 +174,61 @@ def test_a_c_store_on_a_context_that_was_not_accepted_is_aborted(scp):
     assert scp.stored == [] and list(scp.spool.tmp.iterdir()) == []
 
 
-def test_a_full_spool_answers_out_of_resources_and_keeps_nothing(scp, monkeypatch):
+def test_a_full_spool_answers_out_of_resources_and_writes_nothing(scp, monkeypatch):
+    real_write, written = os.write, []
     assoc = _associate(scp.port)
     with monkeypatch.context() as patch:
         patch.setattr(scp.spool, "room_problem", lambda: "full, for the test")
+        patch.setattr(c_store.os, "write", lambda fd, data: written.append(len(data))
+                      or real_write(fd, data))  # fmt: skip
         assert assoc.send_c_store(_ct()).Status == 0xA700
+    assert written == []  # refused when the command came: not a byte of it on the disk
     assert assoc.send_c_store(_ct()).Status == 0  # same association, room again
     assoc.release()
     assert len(scp.stored) == 1
     assert list(scp.spool.tmp.iterdir()) == []
+
+
+def test_a_large_instance_is_refused_midway_when_the_spool_runs_out_of_room(scp, monkeypatch):
+    """Room is checked again at each fdatasync of a large instance (every SYNC_EVERY bytes;
+    16 kB fragments here): the disk stops filling then, not when the instance is complete."""
+    checks: list[int] = []
+    real_write, written = os.write, []
+
+    def room_problem() -> str | None:
+        checks.append(sum(written))
+        return "full, for the test" if len(checks) >= 3 else None  # command, first sync
+
+    assoc = _associate(scp.port)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(c_store, "SYNC_EVERY", 8192)
+            patch.setattr(scp.spool, "room_problem", room_problem)
+            patch.setattr(c_store.os, "write", lambda fd, data: written.append(len(data))
+                          or real_write(fd, data))  # fmt: skip
+            assert assoc.send_c_store(_ct()).Status == 0xA700
+        assert len(checks) == 3  # nothing more was written once it was refused
+        assert sum(written) == checks[-1] < len(_dataset_bytes())
+        assert list(scp.spool.tmp.iterdir()) == []
+        assert assoc.send_c_store(_ct()).Status == 0
+    finally:
+        assoc.release()
+    assert len(scp.stored) == 1
+
+
+def test_a_spool_whose_room_cannot_be_told_answers_out_of_resources(scp, monkeypatch):
+    def gone() -> None:
+        raise FileNotFoundError(2, "No such file or directory", str(scp.spool.root))
+
+    assoc = _associate(scp.port)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(scp.spool, "room_problem", gone)
+            assert assoc.send_c_store(_ct()).Status == 0xA700
+        assert assoc.send_c_store(_ct()).Status == 0
+    finally:
+        assoc.release()
+    assert len(scp.stored) == 1
 
 
 @pytest.mark.parametrize("failing", ["write", "mkstemp"])
