@@ -52,7 +52,8 @@ from node.syntaxes import (
 _PLUGIN = {"1.2.840.10008.1.2.5": "pylibjpeg", "1.2.840.10008.1.2.4.80": "pyjpegls",
            "1.2.840.10008.1.2.4.81": "pyjpegls", "1.2.840.10008.1.2.4.90": "pylibjpeg",
            "1.2.840.10008.1.2.4.91": "pylibjpeg"}  # fmt: skip
-PIXEL_TAGS = (0x7FE00001, 0x7FE00002, 0x7FE00010)  # Extended Offset Table (+ lengths), Pixel Data
+# Extended Offset Table (+ lengths), Pixel Data; a set: a tuple compared pydicom tags one by one
+PIXEL_TAGS = frozenset((0x7FE00001, 0x7FE00002, 0x7FE00010))
 _RAW_VRS = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
 IMPLEMENTATION_VERSION = "DICOM_NODE_01"
 
