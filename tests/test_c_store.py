@@ -216,23 +216,8 @@ def test_a_large_instance_is_refused_midway_when_the_spool_runs_out_of_room(scp,
     assert len(scp.stored) == 1
 
 
-def test_a_spool_whose_room_cannot_be_told_answers_out_of_resources(scp, monkeypatch):
-    def gone() -> None:
-        raise FileNotFoundError(2, "No such file or directory", str(scp.spool.root))
-
-    assoc = _associate(scp.port)
-    try:
-        with monkeypatch.context() as patch:
-            patch.setattr(scp.spool, "room_problem", gone)
-            assert assoc.send_c_store(_ct()).Status == 0xA700
-        assert assoc.send_c_store(_ct()).Status == 0
-    finally:
-        assoc.release()
-    assert len(scp.stored) == 1
-
-
-@pytest.mark.parametrize("failing", ["write", "mkstemp"])
-def test_a_write_error_answers_out_of_resources_and_the_association_goes_on(
+@pytest.mark.parametrize("failing", ["write", "mkstemp", "room"])
+def test_a_disk_error_answers_out_of_resources_and_the_association_goes_on(
     scp, monkeypatch, failing
 ):
     real_write = os.write
@@ -247,13 +232,18 @@ def test_a_write_error_answers_out_of_resources_and_the_association_goes_on(
     def mkstemp(**_kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    def room_problem():  # statvfs of a spool whose disk is gone
+        raise OSError(errno.EIO, "Input/output error")
+
     assoc = _associate(scp.port)
     try:
         with monkeypatch.context() as patch:
             if failing == "write":
                 patch.setattr(c_store.os, "write", write)
-            else:
+            elif failing == "mkstemp":
                 patch.setattr(c_store.tempfile, "mkstemp", mkstemp)
+            else:
+                patch.setattr(scp.spool, "room_problem", room_problem)
             assert assoc.send_c_store(_ct()).Status == 0xA700
         assert assoc.send_c_store(_ct()).Status == 0
     finally:
