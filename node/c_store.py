@@ -215,10 +215,14 @@ class _PartialFile:
     def write(self, data: memoryview | bytes) -> None:
         if self.problem is not None:
             return  # the rest of the dataset is read and dropped
-        if self.written + len(data) > self._most:  # refused now, not once it is all on disk
-            self.problem = "above limits.max_instance_size"
+        self.problem = self._append(data)
+        if self.problem is not None:
             self.discard()
-            return
+
+    def _append(self, data: memoryview | bytes) -> str | None:
+        """Write `data`; why the instance is refused from now on, or None."""
+        if self.written + len(data) > self._most:  # refused now, not once it is all on disk
+            return "above limits.max_instance_size"
         try:
             with memoryview(data) as view:
                 while view:
@@ -229,11 +233,10 @@ class _PartialFile:
                 os.fdatasync(self.fd)
                 self._unsynced = 0
                 # refused when it is complete anyway: refused now, before the disk fills up
-                self.problem = self._room()
+                return self._room()
         except OSError as exc:
-            self.problem = f"cannot write it: {exc}"
-        if self.problem is not None:
-            self.discard()
+            return f"cannot write it: {exc}"
+        return None
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -312,8 +315,6 @@ class _StoreStream:
             return
         self._request = request
         self._refusal = self._refusal_of(request)
-        if self._refusal is None and (problem := self._storer.room_problem()):
-            self._refusal = OUT_OF_RESOURCES, problem  # nothing of it reaches the disk
         if self._refusal is None:
             try:
                 header = self._file_header(request)
@@ -329,8 +330,9 @@ class _StoreStream:
 
     def _refusal_of(self, request: StoreRequest) -> tuple[int, str] | None:
         """The status and reason to refuse a C-STORE-RQ with, after reading its dataset (and
-        keeping none of it), or None. pynetdicom aborted the association for these, and left
-        the dataset's file in tmp/ until a restart; a status tells the sender why."""
+        keeping none of it), or None. pynetdicom aborted the association for the malformed
+        ones, and left the dataset's file in tmp/ until a restart; a status tells the sender
+        why. A spool without room is one too: none of the dataset reaches the disk."""
         if request.context_id not in self._provider.assoc._accepted_cx or None in (
             request.message_id,
             request.sop_class,
@@ -344,7 +346,8 @@ class _StoreStream:
         service = uid_to_service_class(request.sop_class)  # type: ignore[arg-type]
         if not issubclass(service, StorageServiceClass):
             return _SOP_CLASS_NOT_SUPPORTED, f"SOP class {request.sop_class} is not a storage class"
-        return None
+        problem = self._storer.room_problem()
+        return (OUT_OF_RESOURCES, problem) if problem else None
 
     def _file_header(self, request: StoreRequest) -> bytes:
         """The received file's Part 10 header: the spool's, with the AE titles."""

@@ -201,10 +201,7 @@ class StorageSCP:
     def room_problem(self) -> str | None:
         """Why the spool cannot take an instance now (asked before any of it is written, and
         again before it is stored), or None."""
-        try:
-            return self.spool.room_problem()
-        except OSError as exc:  # e.g. the spool's disk is gone: nothing can be stored
-            return f"cannot tell whether the spool has room: {exc}"
+        return self.spool.room_problem()
 
     @staticmethod
     def refuse(calling: str, why: str, status: int = c_store.OUT_OF_RESOURCES) -> int:

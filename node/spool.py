@@ -180,7 +180,10 @@ class Spool:
         """Why a new instance must be refused (0xA700), or None."""
         if self.max_size and self._usage >= self.max_size:
             return f"spool holds {self._usage} bytes, the limit is {self.max_size}"
-        free = shutil.disk_usage(self.root).free
+        try:
+            free = shutil.disk_usage(self.root).free
+        except OSError as exc:  # e.g. the spool's disk is gone: nothing can be stored
+            return f"cannot tell whether the spool has room: {exc}"
         if free < self.min_free:
             return f"{free} bytes free on the spool's disk, the floor is {self.min_free}"
         return None

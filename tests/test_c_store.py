@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import socket
 import struct
 from io import BytesIO
@@ -232,7 +233,7 @@ def test_a_disk_error_answers_out_of_resources_and_the_association_goes_on(
     def mkstemp(**_kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    def room_problem():  # statvfs of a spool whose disk is gone
+    def disk_usage(_path):  # statvfs of a spool whose disk is gone
         raise OSError(errno.EIO, "Input/output error")
 
     assoc = _associate(scp.port)
@@ -243,7 +244,7 @@ def test_a_disk_error_answers_out_of_resources_and_the_association_goes_on(
             elif failing == "mkstemp":
                 patch.setattr(c_store.tempfile, "mkstemp", mkstemp)
             else:
-                patch.setattr(scp.spool, "room_problem", room_problem)
+                patch.setattr(shutil, "disk_usage", disk_usage)
             assert assoc.send_c_store(_ct()).Status == 0xA700
         assert assoc.send_c_store(_ct()).Status == 0
     finally:
