@@ -71,6 +71,8 @@ class AcceptPolicy:
     """Who may open an association. Anything else gets A-ASSOCIATE-RJ with the reason."""
 
     calling_aets: tuple[str, ...]  # glob patterns
+    # C-ECHO from any calling AE title (what an administrator tries first); storage never
+    echo_any_aet: bool = True
     # glob patterns; not configured: the node's AE title and every CalledAET a rule matches
     called_aets: tuple[str, ...] = ()
     networks: tuple[IPv4Network | IPv6Network, ...] = (
@@ -130,6 +132,7 @@ class Limits:
 
     max_associations: int = 32  # established at once; more get A-ASSOCIATE-RJ (transient)
     max_connections: int = 64  # open sockets, associated or not; more are closed at once
+    max_connections_per_address: int = 16  # so that one host cannot take every socket
     association_timeout: float = 30.0  # seconds to send A-ASSOCIATE-RQ (ARTIM) / to answer
     dimse_timeout: float = 60.0  # seconds between the messages of one exchange
     idle_timeout: float = 120.0  # seconds an association may stay silent
@@ -474,6 +477,8 @@ def _parse_limits(c: _Checker, raw: _LineDict) -> Limits:
     return Limits(
         max_associations=c.integer(raw, "max_associations", "limits", d.max_associations, 1, 1000),
         max_connections=c.integer(raw, "max_connections", "limits", d.max_connections, 1, 5000),
+        max_connections_per_address=c.integer(raw, "max_connections_per_address", "limits",
+                                              d.max_connections_per_address, 1, 5000),
         association_timeout=positive("association_timeout", parse_duration,
                                      d.association_timeout),
         dimse_timeout=positive("dimse_timeout", parse_duration, d.dimse_timeout),
@@ -484,7 +489,7 @@ def _parse_limits(c: _Checker, raw: _LineDict) -> Limits:
 
 
 def _parse_accept(c: _Checker, raw: _LineDict) -> AcceptPolicy:
-    c.keys(raw, "accept", {"calling_aets", "called_aets", "networks"}, set())
+    c.keys(raw, "accept", {"calling_aets", "called_aets", "networks", "echo_any_aet"}, set())
 
     def patterns(key: str, default: tuple[str, ...]) -> tuple[str, ...]:
         if key not in raw:
@@ -516,6 +521,7 @@ def _parse_accept(c: _Checker, raw: _LineDict) -> AcceptPolicy:
         calling_aets=patterns("calling_aets", ("*",)),
         called_aets=patterns("called_aets", ()),
         networks=networks,
+        echo_any_aet=c.boolean(raw, "echo_any_aet", "accept", True),
     )
 
 

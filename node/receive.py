@@ -24,6 +24,7 @@ from pynetdicom.sop_class import Verification, register_uid, uid_to_service_clas
 from node import c_store, reactor_wakeups, received_file
 from node import observe as metrics
 from node.config import Config
+from node.connection_slots import ConnectionSlots
 from node.deliver import set_nodelay
 from node.spool import Spool, SpoolEntry
 from node.syntaxes import receivable_syntaxes
@@ -62,6 +63,12 @@ def _reject(assoc, result: int, source: int, reason: int) -> None:
         time.sleep(0.001)
 
 
+def _verification_only(primitive) -> bool:
+    """An association that proposes nothing but Verification: an administrator's C-ECHO."""
+    proposed = primitive.presentation_context_definition_list
+    return bool(proposed) and all(cx.abstract_syntax == Verification for cx in proposed)
+
+
 class StorageSCP:
     def __init__(self, config: Config, spool: Spool, on_stored: Callable[[SpoolEntry], None]):
         self.config = config
@@ -71,10 +78,10 @@ class StorageSCP:
         _register_unknown_storage_classes()
         ae = AE(ae_title=config.node.ae_title)
         limits = config.limits
-        # pynetdicom counts every open socket against maximum_associations, also one that never
-        # sends a request; the node counts established associations itself (_on_requested), so
-        # silent sockets cannot lock real senders out. They time out after association_timeout.
-        ae.maximum_associations = limits.max_connections
+        # pynetdicom counts its association threads against maximum_associations, also those
+        # whose peer has gone; the node counts open connections (ConnectionSlots, by their
+        # close event) and established associations (_on_requested) itself.
+        ae.maximum_associations = 1 << 20
         ae.maximum_pdu_size = limits.max_pdu_size
         ae.acse_timeout = limits.association_timeout
         ae.dimse_timeout = limits.dimse_timeout
@@ -92,12 +99,17 @@ class StorageSCP:
             ae.add_supported_context(uid, syntaxes)
         ae.add_supported_context(Verification)
         self.ae = ae
+        # an association thread not started yet (ident None) is open too
+        self.connections = ConnectionSlots(
+            still_open=lambda assoc: assoc.is_alive() or assoc.ident is None
+        )
 
     def start(self) -> None:
         node = self.config.node
         handlers = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_CONN_OPEN, self._on_connection),
+            (evt.EVT_CONN_CLOSE, self._on_connection_closed),
             (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
         ]
         context = server_context(node.tls) if node.tls is not None else None
@@ -136,20 +148,33 @@ class StorageSCP:
     # --- handlers: run on the association threads -----------------------------------------
 
     def _on_connection(self, event) -> None:
-        open_sockets = sum(1 for a in self.ae.active_associations if a.is_acceptor)
-        limit = self.config.limits.max_connections
-        if open_sockets > limit:
-            log.warning("closed a connection from %s: %d open, limits.max_connections is %d",
-                        event.address[0], open_sockets, limit)  # fmt: skip
-            metrics.REJECTED_ASSOCIATIONS.labels("max-connections").inc()
+        limits = self.config.limits
+        address = event.address[0]
+        refusal = self.connections.admit(
+            event.assoc, address, limits.max_connections, limits.max_connections_per_address
+        )
+        if refusal is not None:
+            log.warning("closed a connection from %s: %s", address, refusal.why)
+            metrics.REJECTED_ASSOCIATIONS.labels(refusal.limit).inc()
             event.assoc.dul.socket.close()  # no A-ABORT yet: nothing was negotiated (Sta2)
             return
         set_nodelay(event.assoc)
 
+    def _on_connection_closed(self, event) -> None:
+        """The connection is gone (runs on its socket's thread): its slot is free at once.
+        If it went before its A-ASSOCIATE-RQ arrived, the association's thread would wait
+        for one until association_timeout; a None ends that wait as the timeout does."""
+        assoc = event.assoc
+        self.connections.release(assoc)
+        if assoc.is_acceptor and assoc.requestor.primitive is None:
+            assoc.dul.to_user_queue.put(None)
+
     def _on_requested(self, event) -> None:
         """Access control, before anything is accepted: network, calling and called AE title.
         A refusal is an A-ASSOCIATE-RJ (rejected-permanent, by the service user) with the
-        reason PS3.8 Table 9-21 defines, a warning in the log and a metric."""
+        reason PS3.8 Table 9-21 defines, a warning in the log and a metric. With
+        accept.echo_any_aet, an association proposing only Verification needs no allowed
+        calling AE title (it can do nothing but C-ECHO)."""
         config = self.config
         accept = config.accept
         primitive = event.assoc.requestor.primitive
@@ -158,7 +183,9 @@ class StorageSCP:
         address = event.assoc.requestor.address
         if not accept.allows_address(address):
             refusal = ("network", 0x01, f"address {address} is outside accept.networks")
-        elif not any(fnmatchcase(calling, p) for p in accept.calling_aets):
+        elif not any(fnmatchcase(calling, p) for p in accept.calling_aets) and not (
+            accept.echo_any_aet and _verification_only(primitive)
+        ):
             refusal = ("calling-aet", 0x03, "calling AE title not allowed")
         elif not any(fnmatchcase(called, p) for p in accept.called_aets):
             refusal = ("called-aet", 0x07, f"called AE title {called!r} is not this node's")

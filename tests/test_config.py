@@ -521,7 +521,7 @@ def test_unknown_key_in_accept_is_reported():
         """
     ) == [
         "node.yaml:2: accept: unknown key 'calling_aet' (did you mean 'calling_aets'?); "
-        "allowed: called_aets, calling_aets, networks"
+        "allowed: called_aets, calling_aets, echo_any_aet, networks"
     ]
 
 
@@ -1667,7 +1667,7 @@ def test_limits_parse_and_their_problems_have_lines():
         "node.yaml:3: limits.idle_timeout: must be above 0",
         "node.yaml:4: limits: unknown key 'max_pdu' (did you mean 'max_pdu_size'?); allowed: "
         "association_timeout, dimse_timeout, idle_timeout, max_associations, max_connections, "
-        "max_instance_size, max_pdu_size",
+        "max_connections_per_address, max_instance_size, max_pdu_size",
         "node.yaml:5: rules: expected a non-empty list of rules",
     ]
 

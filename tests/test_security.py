@@ -3,23 +3,29 @@ counted; the shipped configuration denies by default."""
 
 from __future__ import annotations
 
+import os
+import random
 import socket
+import subprocess
 import time
+from collections.abc import Callable
 
 import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from node.config import load_config
-from tests.conftest import REPO, free_port, wait_for
+from tests.conftest import REPO, data_file, free_port, wait_for
 from tests.test_observe import get, metric
 
 pytestmark = pytest.mark.integration
 
 
 def associate(port: int, calling: str, called: str):
+    """An association as a modality asks for one: storage, and verification beside it."""
     ae = AE(ae_title=calling)
     ae.add_requested_context(Verification)
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")  # CT Image
     ae.acse_timeout = ae.network_timeout = 10
     return ae.associate("127.0.0.1", port, ae_title=called)
 
@@ -177,3 +183,90 @@ def test_an_instance_above_max_instance_size_is_refused_and_not_spooled(node_fac
     assert status.Status == 0xA700
     assert not list((node.spool / "incoming").glob("*.dcm"))
     assert "above limits.max_instance_size" in node.log_text()
+
+
+def probe(port: int, payload: bytes = b"") -> None:
+    """What a port scanner or a load balancer's TCP health check does: connect, maybe send a
+    few bytes that are no A-ASSOCIATE-RQ, close."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        if payload:
+            sock.sendall(payload)
+
+
+def dcmtk_succeeds(command: list[str]) -> bool:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "TCP_NODELAY": "1"})  # fmt: skip
+    return done.returncode == 0 and "Failed" not in done.stderr
+
+
+def test_probes_and_garbage_free_their_connection_slot_at_once(node_factory):
+    """200 connect-and-close probes and 100 connections sending garbage: with the defaults
+    (64 connections, a 30 s association timeout) real senders get in within 1 s after."""
+    node = limited_node(node_factory, "{}")
+    randoms = random.Random(22)
+    for _ in range(200):
+        probe(node.port)
+    for _ in range(100):
+        probe(node.port, randoms.randbytes(randoms.randint(1, 64)))
+    started = time.monotonic()
+    echo = ["echoscu", "-to", "5", "-aec", "DICOM-NODE", "127.0.0.1", str(node.port)]
+    wait_for(lambda: dcmtk_succeeds(echo), 1, "a C-ECHO from DCMTK to succeed", interval=0.01)
+    image = str(data_file("CT_small.dcm"))
+    store = ["storescu", "-to", "5", "-aec", "DICOM-NODE", "127.0.0.1", str(node.port), image]
+    wait_for(lambda: dcmtk_succeeds(store), 1, "a C-STORE from DCMTK to succeed", interval=0.01)
+    assert time.monotonic() - started < 2
+    assert "limits.max_connections" not in node.log_text()
+    node.wait_archived(1)
+
+
+def test_one_address_cannot_take_every_connection(node_factory):
+    """64 silent sockets from one address (the default limits.max_connections) get 16 slots
+    (limits.max_connections_per_address); another address still gets in."""
+    node = limited_node(node_factory, "{association_timeout: 60}")
+    socks = [silent_socket(node.port) for _ in range(64)]
+    try:
+        wait_for(lambda: sum(closed_by_peer(s) for s in socks) >= 48, 10, "48 sockets closed")
+        assert "16 open from it, limits.max_connections_per_address is 16" in node.log_text()
+        ae = AE(ae_title="CT1")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOM-NODE",
+                             bind_address=("127.0.0.2", 0))  # fmt: skip
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def shipped_node(node_factory, edit: Callable[[str], str] = lambda text: text):
+    port = free_port()
+    text = (REPO / "config" / "node.yaml").read_text().replace("port: 11112", f"port: {port}")
+    return node_factory(edit(text), port=port)
+
+
+def test_the_shipped_configuration_answers_dcmtks_first_echo(node_factory):
+    """`echoscu -aec DICOM-NODE localhost 11112` (calling AE title ECHOSCU, not an allowed
+    one) is how an administrator tests a new link; storage still needs an allowed title."""
+    node = shipped_node(node_factory)
+    echo = ["echoscu", "-aec", "DICOM-NODE", "localhost", str(node.port)]
+    assert dcmtk_succeeds(echo)
+    store = ["storescu", "-aet", "ECHOSCU", "-aec", "DICOM-NODE", "localhost", str(node.port),
+             str(data_file("CT_small.dcm"))]  # fmt: skip
+    assert not dcmtk_succeeds(store)
+    assert "rejected association from ECHOSCU (127.0.0.1) to DICOM-NODE: calling AE title " \
+           "not allowed" in node.log_text()  # fmt: skip
+    # a C-ECHO association cannot carry a C-STORE: its only context is Verification
+    ae = AE(ae_title="ECHOSCU")
+    ae.add_requested_context(Verification)
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
+    assert ae.associate("127.0.0.1", node.port, ae_title="DICOM-NODE").is_rejected
+
+
+def test_echo_from_any_calling_ae_title_can_be_turned_off(node_factory):
+    node = shipped_node(
+        node_factory, lambda text: text.replace("echo_any_aet: true", "echo_any_aet: false")
+    )
+    assert not dcmtk_succeeds(["echoscu", "-aec", "DICOM-NODE", "localhost", str(node.port)])
+    assert dcmtk_succeeds(["echoscu", "-aet", "STORESCU", "-aec", "DICOM-NODE", "localhost",
+                           str(node.port)])  # fmt: skip
