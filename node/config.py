@@ -675,18 +675,109 @@ def _parse_rule(
     return RoutingRule(name, match, spec, tuple(send_to), m.line)
 
 
+# PyYAML token ids (as they appear in its messages) in the words an operator knows
+_TOKEN_WORDS = {
+    "<block mapping start>": "a new mapping",
+    "<block sequence start>": "a new list",
+    "<block end>": "the end of a block",
+    "<stream end>": "the end of the file",
+    "<scalar>": "a value",
+    "<alias>": "an alias",
+    "<anchor>": "an anchor",
+    "<tag>": "a tag",
+    "<directive>": "a directive",
+    "<document start>": "'---'",
+    "<document end>": "'...'",
+    "?": "a key",
+    "-": "a list item",
+}
+# PyYAML's context for a broken block: what the operator calls it, and what comes next in it
+_BLOCKS = {
+    "while parsing a block collection": ("list", "item"),
+    "while parsing a block mapping": ("mapping", "key"),
+}
+
+
+def _where(mark: yaml.Mark) -> str:
+    return f"line {mark.line + 1} col {mark.column + 1}"
+
+
+def _file_end(mark: yaml.Mark) -> int:
+    """The last line of the file, given the end-of-stream mark (after a final newline the mark
+    is at col 1 of a line that an editor does not show)."""
+    return mark.line + 1 if mark.column else max(mark.line, 1)
+
+
+def _not_closed(opener: str, start: yaml.Mark, stop: yaml.Mark, found: str | None) -> str:
+    """`found` is None when the file ended first."""
+    if found is None:
+        stop_line = _file_end(stop)
+        end = f"the file ends at line {stop_line}"
+    else:
+        stop_line = stop.line + 1
+        end = f"found {found} at {_where(stop)}"
+    # with both on one line, the line alone does not say which opener is meant
+    col = f" (col {start.column + 1})" if stop_line == start.line + 1 else ""
+    return f"{opener!r} opened here{col} is not closed ({end})"
+
+
+def _syntax_message(exc: yaml.MarkedYAMLError, text: str) -> tuple[int, str]:
+    """The line and message for a YAML syntax error.
+
+    PyYAML reports where it gave up (problem_mark), which for an unclosed bracket, quote or
+    block is a line after the mistake; the line to fix is where the construct opened
+    (context_mark), so that line comes first and the give-up position second.
+    """
+    start, stop = exc.context_mark, exc.problem_mark
+    context, problem = exc.context or "", exc.problem or ""
+    if start is not None and stop is not None:
+        # "expected ',' or '}', but got ':'": the token id is the quoted tail
+        tail = problem.rpartition(" but ")[2].partition(" ")[2]
+        got = len(tail) > 2 and tail[0] == tail[-1] == "'"
+        token = tail[1:-1] if got else ""
+        found = _TOKEN_WORDS.get(token, f"'{token}'")
+        opener = text[start.index] if start.index < len(text) else ""
+        if context in ("while parsing a flow mapping", "while parsing a flow sequence") and got:
+            found_or_end = None if token == "<stream end>" else found
+            return start.line + 1, _not_closed(opener, start, stop, found_or_end)
+        if context == "while scanning a quoted scalar" and opener in ("'", '"'):
+            # the other problem: a document separator ('---' or '...') at the start of a line
+            separator = text[stop.index : stop.index + 3]
+            found_or_end = None if problem == "found unexpected end of stream" else repr(separator)
+            return start.line + 1, _not_closed(opener, start, stop, found_or_end)
+        block = _BLOCKS.get(context)
+        if block and got:
+            what, entry = block
+            return start.line + 1, (
+                f"the {what} that starts here (col {start.column + 1}) is broken at "
+                f"{_where(stop)}: found {found} where its next {entry} or its end was expected; "
+                f"check the indentation of line {stop.line + 1}"
+            )
+        if context == "while scanning a simple key":
+            return start.line + 1, (
+                f"the key that starts here (col {start.column + 1}) is missing its ':' "
+                f"(the parser stopped at {_where(stop)})"
+            )
+    mark = stop or start
+    return (mark.line + 1 if mark else 1), f"YAML syntax error: {problem or exc}"
+
+
 def parse_config(text: str, source: str, base: Path) -> Config:
     """Parse and validate YAML text; raise ConfigError listing every problem with its line."""
     c = _Checker(source)
-    loader = _Loader(text)
+    try:
+        # the reader rejects control characters already here, before any parsing
+        loader = _Loader(text)
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        message = f"YAML syntax error: unacceptable character #x{exc.character:04x}: {exc.reason}"
+        raise ConfigError([Problem(source, line, message)]) from None
     loader.duplicate_keys = []
     try:
         raw = loader.get_single_data()
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        line = mark.line + 1 if mark else 1
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([Problem(source, line, f"YAML syntax error: {problem}")]) from None
+    except yaml.MarkedYAMLError as exc:
+        line, message = _syntax_message(exc, text)
+        raise ConfigError([Problem(source, line, message)]) from None
     finally:
         loader.dispose()
     for line, key in loader.duplicate_keys:
