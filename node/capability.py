@@ -7,13 +7,19 @@ the node adds what no installed encoder can do.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import BinaryIO
 
 from pydicom.dataset import Dataset
+from pydicom.encaps import parse_basic_offsets
 from pydicom.pixels.encoders.base import ENCODING_PROFILES
 from pydicom.uid import (
     UID,
     ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
     JPEGLSNearLossless,
 )
 
@@ -21,6 +27,8 @@ from node.syntaxes import (
     ALWAYS_LOSSY,
     HTJ2K_FAMILY,
     J2K_FAMILY,
+    JPEG_LS_FAMILY,
+    LOSSY_METHOD,
     Target,
     receivable_syntaxes,
     syntax_name,
@@ -139,10 +147,10 @@ def _native_length(ds: Dataset, keyword: str | None) -> int | None:
     return elem.length if elem.value is None else len(elem.value)
 
 
-def guarded_kinds(ds: Dataset, facts: PixelFacts) -> list[str]:
+def guarded_kinds(ds: Dataset, facts: PixelFacts, pixel_source: Path | None = None) -> list[str]:
     """Why this image must not be lossy-compressed unless a rule allows it (LOSSY_GUARDED)."""
     kinds = []
-    if str(ds.get("LossyImageCompression", "")).strip() == "01" or facts.syntax in ALWAYS_LOSSY:
+    if lossy_history(ds, facts, pixel_source) is not None:
         kinds.append("already-lossy")
     if str(ds.get("Modality", "")).strip() == "MG":
         kinds.append("mammography")
@@ -151,6 +159,135 @@ def guarded_kinds(ds: Dataset, facts: PixelFacts) -> list[str]:
     if intent == "FOR PROCESSING" or "For Processing" in sop_class:
         kinds.append("for-processing")
     return kinds
+
+
+@dataclass(frozen=True)
+class LossyHistory:
+    """Why an input is lossy already, and what is known of its own lossy step."""
+
+    why: str  # e.g. "JPEG-LS NEAR=3 in the codestream"
+    method: str | None = None  # (0028,2114) term of the input's own step, if its data says so
+    ratio: float | None = None  # that step's ratio, measured: decoded / encapsulated bytes
+
+
+# The headers up to SOS (JPEG-LS) or COD (JPEG 2000) sit in a frame's first bytes.
+_CODESTREAM_HEAD = 1 << 16
+
+
+def lossy_history(
+    ds: Dataset, facts: PixelFacts, pixel_source: Path | None = None
+) -> LossyHistory | None:
+    """Whether the input is lossy already: from its codestream (JPEG baseline/extended, JPEG-LS
+    NEAR > 0, an irreversible JPEG 2000/HTJ2K wavelet) or its header (Lossy Image Compression
+    "01"). The one answer for the transcoder, the safety default, explain and the codec matrix.
+
+    `pixel_source`: the file a deferred Pixel Data is on (else the dataset's own filename).
+    Damaged or unreadable pixel data is no evidence: the header decides then.
+    """
+    if (own := _own_lossy_step(ds, facts, pixel_source)) is not None:
+        return own
+    if str(ds.get("LossyImageCompression", "")).strip() == "01":
+        return LossyHistory("Lossy Image Compression 01 in the header")
+    return None
+
+
+def _own_lossy_step(
+    ds: Dataset, facts: PixelFacts, pixel_source: Path | None
+) -> LossyHistory | None:
+    syntax = facts.syntax
+    if facts.pixel_keyword != "PixelData" or syntax not in LOSSY_METHOD:
+        return None
+    try:
+        head, total = _first_fragment(ds, pixel_source)
+    except Exception:  # damaged: no evidence, except the syntax of JPEG baseline/extended
+        head, total = b"", 0
+    if syntax in ALWAYS_LOSSY:
+        why = f"JPEG {'baseline' if syntax == JPEGBaseline8Bit else 'extended'} input"
+    elif syntax in JPEG_LS_FAMILY:
+        near = _jpeg_ls_near(head)
+        if not near:
+            return None
+        why = f"JPEG-LS NEAR={near} in the codestream"
+    else:
+        if _j2k_transform(head) != 0:
+            return None
+        family = "HTJ2K" if syntax in HTJ2K_FAMILY else "JPEG 2000"
+        why = f"irreversible 9-7 wavelet in the {family} codestream"
+    ratio = facts.frame_bytes * facts.frames / total if total else None
+    return LossyHistory(why, LOSSY_METHOD[syntax], ratio)
+
+
+def _first_fragment(ds: Dataset, pixel_source: Path | None) -> tuple[bytes, int]:
+    """(the first bytes of the first fragment, all fragments' bytes) of encapsulated Pixel
+    Data, read from disk when the value is deferred there: item headers only, no frames."""
+    elem = ds.get_item(0x7FE00010, keep_deferred=True)
+    if elem.value is not None:
+        return _walk_fragments(BytesIO(elem.value))
+    source = pixel_source or getattr(ds, "filename", None)
+    if not isinstance(source, (str, Path)) or not getattr(elem, "value_tell", None):
+        return b"", 0
+    with open(source, "rb") as f:
+        f.seek(elem.value_tell)
+        return _walk_fragments(f)
+
+
+def _walk_fragments(buffer: BinaryIO) -> tuple[bytes, int]:
+    parse_basic_offsets(buffer)  # skips the Basic Offset Table; ValueError on damage
+    head: bytes | None = None
+    total = 0
+    while len(item := buffer.read(8)) == 8:
+        group, element, length = struct.unpack("<HHL", item)
+        if (group, element) != (0xFFFE, 0xE000) or length == 0xFFFFFFFF:
+            break  # sequence delimiter, or damage: what was read stands
+        total += length
+        if head is None:
+            head = buffer.read(min(length, _CODESTREAM_HEAD))
+            length -= len(head)
+        buffer.seek(length, 1)
+    return head or b"", total
+
+
+def _jpeg_ls_near(cs: bytes) -> int | None:
+    """NEAR of the first scan (ISO 14495-1 C.2.3), walking the marker segments from SOI."""
+    if cs[:2] != b"\xff\xd8":
+        return None
+    pos = 2
+    while pos + 4 <= len(cs):
+        if cs[pos] != 0xFF:
+            return None
+        marker = cs[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        (length,) = struct.unpack_from(">H", cs, pos + 2)
+        if marker == 0xDA:  # SOS: Ls, Ns, Ns x (Ci, Tmi), NEAR, ILV, Al/Ah
+            ns = cs[pos + 4] if pos + 4 < len(cs) else 0
+            near_at = pos + 5 + 2 * ns
+            ok = ns and length == 6 + 2 * ns and near_at < len(cs)
+            return cs[near_at] if ok else None
+        if length < 2:
+            return None
+        pos += 2 + length
+    return None
+
+
+def _j2k_transform(cs: bytes) -> int | None:
+    """The COD wavelet of the main header (ISO 15444-1 A.6.1): 0 = 9-7 irreversible,
+    1 = 5-3 reversible. A JP2 wrapper is skipped by looking for SOC followed by SIZ."""
+    pos = cs.find(b"\xff\x4f\xff\x51")
+    if pos < 0:
+        return None
+    pos += 2
+    while pos + 4 <= len(cs):
+        marker, length = struct.unpack_from(">HH", cs, pos)
+        if marker >> 8 != 0xFF or marker == 0xFF90 or length < 2:  # SOT: main header ended
+            return None
+        if marker == 0xFF52:  # COD: Lcod Scod, progression, layers(2), MCT, then SPcod:
+            # levels, xcb, ycb, code-block style, transform
+            at = pos + 13
+            return cs[at] if length >= 12 and at < len(cs) and cs[at] in (0, 1) else None
+        pos += 2 + length
+    return None
 
 
 def needs_mct(facts: PixelFacts, target: Target) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 
-from node.capability import pixel_facts
+from node.capability import lossy_history, pixel_facts
 from node.config import Config, DicomDestination, FolderDestination, RoutingRule
 from node.deliver import layout_path
 from node.process import read_arrival
@@ -70,6 +70,8 @@ def explain_file(config: Config, path: Path, arrival: Arrival | None = None) -> 
         f"  association: CallingAET={arrival.calling_aet or '(none)'} "
         f"CalledAET={arrival.called_aet or '(none)'}",
     ]
+    if (history := lossy_history(ds, facts)) is not None:
+        lines.append(f"  input: already lossy ({history.why})")
     rule = select_rule(config.rules, ds, arrival)
     if rule is None:
         lines.append("  rule: none matches => quarantined in the spool with a reason file")

@@ -32,6 +32,7 @@ J2K_FAMILY: frozenset[UID] = frozenset(
     {_uid.JPEG2000Lossless, _uid.JPEG2000, _uid.HTJ2KLossless, _uid.HTJ2KLosslessRPCL, _uid.HTJ2K}
 )
 HTJ2K_FAMILY: frozenset[UID] = frozenset({_uid.HTJ2KLossless, _uid.HTJ2KLosslessRPCL, _uid.HTJ2K})
+JPEG_LS_FAMILY: frozenset[UID] = frozenset({_uid.JPEGLSLossless, _uid.JPEGLSNearLossless})
 
 # Lossless by construction. JPEG-LS near-lossless with jls_error 0 is also lossless, but the
 # syntax itself says "may be lossy", so it is treated as lossy bookkeeping-wise only when error > 0.
@@ -46,12 +47,17 @@ LOSSLESS: frozenset[UID] = frozenset(
     }
 )
 
-# Lossy Image Compression Method (0028,2114) defined terms, PS3.3 C.7.6.1.1.5.1.
+# Lossy Image Compression Method (0028,2114) defined terms, PS3.3 C.7.6.1.1.5.1, for every
+# syntax whose codestream can be lossy: a lossless label proves nothing (see lossy_history).
 LOSSY_METHOD: dict[UID, str] = {
     _uid.JPEGBaseline8Bit: "ISO_10918_1",
     _uid.JPEGExtended12Bit: "ISO_10918_1",
+    _uid.JPEGLSLossless: "ISO_14495_1",
     _uid.JPEGLSNearLossless: "ISO_14495_1",
+    _uid.JPEG2000Lossless: "ISO_15444_1",
     _uid.JPEG2000: "ISO_15444_1",
+    _uid.HTJ2KLossless: "ISO_15444_15",
+    _uid.HTJ2KLosslessRPCL: "ISO_15444_15",
     _uid.HTJ2K: "ISO_15444_15",
 }
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.encaps import encapsulate
 from pydicom.multival import MultiValue
@@ -31,6 +31,7 @@ from pydicom.pixels import (
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     UID,
+    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     HTJ2KLosslessRPCL,
     JPEGLSNearLossless,
@@ -39,7 +40,6 @@ from pydicom.uid import (
 
 from node import capability
 from node.syntaxes import (
-    ALWAYS_LOSSY,
     HTJ2K_FAMILY,
     J2K_FAMILY,
     LOSSY_METHOD,
@@ -56,6 +56,7 @@ _PLUGIN = {"1.2.840.10008.1.2.5": "pylibjpeg", "1.2.840.10008.1.2.4.80": "pyjpeg
 PIXEL_TAGS = frozenset((0x7FE00001, 0x7FE00002, 0x7FE00010))
 _RAW_VRS = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
 IMPLEMENTATION_VERSION = "DICOM_NODE_01"
+_LITTLE_ENDIAN = Target(UID(ExplicitVRLittleEndian))
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,8 @@ def transcode(
             note = f"already {syntax_name(target.syntax)}: forwarded as received, not re-encoded"
             return TranscodeResult(None, "kept", target, (*notes, note))
         if target.is_lossy:
-            guarded = [k for k in capability.guarded_kinds(ds, facts) if k not in spec.allow_lossy]
+            kinds = capability.guarded_kinds(ds, facts, pixel_source)
+            guarded = [k for k in kinds if k not in spec.allow_lossy]
             if guarded:
                 notes.append(
                     f"{target.describe()}: safety: no lossy compression of {', '.join(guarded)} "
@@ -118,12 +120,23 @@ def transcode(
             notes.append("ultrasound: JPEG 2000 colour transform applied, the US IOD allows "
                          "only YBR_RCT/YBR_ICT with JPEG 2000 (PS3.3 C.8.5.6.1.2)")  # fmt: skip
         return TranscodeResult(out, "recompressed", target, tuple(notes), ratio, max_error)
+    if facts.syntax == ExplicitVRBigEndian:  # the rule wants little endian, of some kind
+        try:
+            out = _little_endian_copy(ds, facts)
+        except Refused as exc:
+            notes.append(f"{syntax_name(ExplicitVRLittleEndian)}: {exc}")
+        else:
+            notes.append("no target could take it: byte order changed to Explicit VR Little "
+                         "Endian (big endian is retired; many archives refuse it)")  # fmt: skip
+            return TranscodeResult(out, "recompressed", _LITTLE_ENDIAN, tuple(notes), 1.0, 0)
     return TranscodeResult(None, "passed-through", None, tuple(notes))
 
 
 def _encode(
     ds: Dataset, facts: capability.PixelFacts, target: Target, pixel_source: Path | None = None
 ):
+    if target.syntax == ExplicitVRLittleEndian and facts.syntax == ExplicitVRBigEndian:
+        return _little_endian_copy(ds, facts), 1.0, 0  # no codec: bit-packed, float, any
     reason = capability.refusal(facts, target)
     if reason:
         raise Refused(reason)
@@ -151,8 +164,9 @@ def _encode(
     out.file_meta.TransferSyntaxUID = target.syntax
     out.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     out.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION
-    if facts.syntax in ALWAYS_LOSSY:
-        out.LossyImageCompression = "01"  # once lossy, always lossy (PS3.3 C.7.6.1.1.5)
+    history = capability.lossy_history(ds, facts, pixel_source)
+    if history is not None:
+        _record_input_step(out, history)
     if target.is_lossy:
         _record_lossy_step(out, target, ratio or 0.0)
     out.file_meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
@@ -299,6 +313,38 @@ def _native_pixels(frames: Iterator[np.ndarray], out: Dataset, facts: capability
     return len(data), 0
 
 
+def _little_endian_copy(ds: Dataset, facts: capability.PixelFacts) -> Dataset:
+    """Big endian made little endian without decoding: each pixel element's value swapped
+    by the width its VR gives (OB bytes, bit-packed data among them, stay as they are),
+    then verified frame by frame against the input as pydicom decodes both."""
+    out = _header_copy(ds)
+    out.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    out.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+    if facts.pixel_keyword is None:
+        return out
+    elem = ds[facts.pixel_keyword]
+    value = elem.value
+    if not isinstance(value, (bytes, bytearray)) or elem.is_undefined_length:
+        raise Refused(f"{facts.pixel_keyword} is not native big endian data")
+    width = _RAW_VRS.get(elem.VR, 1)
+    if len(value) % width:
+        raise Refused(f"{facts.pixel_keyword} holds {len(value)} bytes, not whole {elem.VR} values")
+    if width > 1:
+        value = np.frombuffer(value, f">u{width}").astype(f"<u{width}").tobytes()
+    out[facts.pixel_keyword] = DataElement(elem.tag, elem.VR, value)
+    try:
+        pairs = zip(iter_pixels(out, raw=True), iter_pixels(ds, raw=True), strict=True)
+        for index, (converted, received) in enumerate(pairs):
+            if not np.array_equal(converted, received):
+                raise Refused(f"verification failed on frame {index} of the little endian copy")
+    except Refused:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an Image Pixel module pydicom cannot read
+        raise Refused(f"the pixels cannot be decoded to verify a byte order change: {exc}") from exc
+    return out
+
+
 def decoded_frames(
     ds: Dataset, facts: capability.PixelFacts, pixel_source: Path | None = None
 ) -> Iterator[np.ndarray]:
@@ -344,6 +390,18 @@ def _swap_raw_values(ds: Dataset) -> None:
         width = _RAW_VRS.get(elem.VR)
         if width and isinstance(elem.value, (bytes, bytearray)) and len(elem.value) % width == 0:
             elem.value = np.frombuffer(elem.value, f">u{width}").astype(f"<u{width}").tobytes()
+
+
+def _record_input_step(out: Dataset, history: capability.LossyHistory) -> None:
+    """Once lossy, always lossy (PS3.3 C.7.6.1.1.5). The input's own step, when its header
+    does not record it, goes first, so a later step's ratio and method stay paired with it."""
+    out.LossyImageCompression = "01"
+    if history.method is None:  # lossy before, in some step the data does not name
+        return
+    if not _as_list(out.get("LossyImageCompressionMethod")):
+        out.LossyImageCompressionMethod = history.method
+    if not _as_list(out.get("LossyImageCompressionRatio")) and history.ratio:
+        out.LossyImageCompressionRatio = f"{history.ratio:.2f}"
 
 
 def _record_lossy_step(out: Dataset, target: Target, ratio: float) -> None:

@@ -56,6 +56,16 @@ def test_explain_reports_quarantine_when_no_rule_matches(tmp_path, capsys):
     assert "rule: none matches => quarantined" in out
 
 
+def test_explain_says_when_the_input_is_lossy_already_and_why(tmp_path, capsys):
+    jls, j2k, ct = (
+        explain(tmp_path, capsys, name)
+        for name in ("JPEGLSNearLossless_16.dcm", "MR2_J2KI.dcm", "CT_small.dcm")
+    )
+    assert "  input: already lossy (JPEG-LS NEAR=2 in the codestream)" in jls
+    assert "  input: already lossy (irreversible 9-7 wavelet in the JPEG 2000 codestream)" in j2k
+    assert "already lossy" not in ct
+
+
 BROKEN = {  # one per area of the config; the line each problem must name
     "yaml": ("node:\n  port: 1: 2\nrules: []\n", [2]),
     "node key": ("node: {prot: 1}\nrules: [{name: r, send_to: []}]\n", [1]),

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import copy
+import struct
+
 import numpy as np
 import pytest
 from pydicom import dcmread, uid
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
+from pydicom.filewriter import dcmwrite
 from pydicom.pixels import iter_pixels, pixel_array
 
+from node import capability
 from node import transcode as transcode_module
+from node.output_file import write_output
 from node.syntaxes import Target, TranscodeSpec
 from node.transcode import transcode
 from tests.conftest import data_file, one_rule_config
@@ -230,6 +236,49 @@ def test_big_endian_palette_lookup_tables_are_converted_correctly():
     np.testing.assert_array_equal(raw(out), raw(little))
 
 
+def test_big_endian_bit_packed_input_leaves_little_endian_bit_exact(tmp_path):
+    """A segmentation sent big endian (Bits Allocated 1, OB) needs no codec to become little
+    endian: the bits are kept as they are, and the file is the little endian one."""
+    received = data_file("liver_expb.dcm")
+    big, little = dcmread(received), dcmread(data_file("liver.dcm"))
+    result = transcode(big, spec(uid.ExplicitVRLittleEndian))
+    assert result.outcome == "recompressed", result.notes
+    write_output(tmp_path / "out.dcm", result.dataset, big, received)
+    out = dcmread(tmp_path / "out.dcm")
+    assert out.file_meta.TransferSyntaxUID == uid.ExplicitVRLittleEndian
+    assert out.PixelData == little.PixelData
+    assert (out.SOPInstanceUID, out.NumberOfFrames) == (big.SOPInstanceUID, big.NumberOfFrames)
+    np.testing.assert_array_equal(out.pixel_array, big.pixel_array)
+
+
+def test_big_endian_input_no_target_can_take_still_leaves_little_endian():
+    result = transcode(dcmread(data_file("liver_expb.dcm")), spec(uid.JPEGLSLossless))
+    assert result.target == Target(uid.ExplicitVRLittleEndian)
+    assert result.dataset.file_meta.TransferSyntaxUID == uid.ExplicitVRLittleEndian
+    assert "Bits Allocated 1" in result.notes[0]
+    assert "byte order changed to Explicit VR Little Endian" in result.notes[-1]
+
+
+def test_big_endian_float_pixels_have_each_value_swapped(tmp_path):
+    values = np.array([[1.5, -2.25], [3.0e-7, 65504.0]], ">f4")
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = uid.ExplicitVRBigEndian
+    ds.file_meta.MediaStorageSOPClassUID = uid.SecondaryCaptureImageStorage
+    ds.SOPClassUID = uid.SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid.generate_uid()
+    ds.update({"Rows": 2, "Columns": 2, "SamplesPerPixel": 1, "BitsAllocated": 32,
+               "PhotometricInterpretation": "MONOCHROME2"})  # fmt: skip
+    ds.FloatPixelData = values.tobytes()
+    dcmwrite(tmp_path / "big.dcm", ds, enforce_file_format=True)
+    big = dcmread(tmp_path / "big.dcm")
+    assert big.original_encoding == (False, False)
+    result = transcode(big, spec(uid.JPEGLSLossless))
+    out = result.dataset
+    assert out.file_meta.TransferSyntaxUID == uid.ExplicitVRLittleEndian, result.notes
+    assert np.frombuffer(out.FloatPixelData, "<f4").tolist() == values.ravel().tolist()
+
+
 def test_jpeg_baseline_ybr_input_stays_lossy_and_becomes_rgb():
     """YBR from a lossy JPEG is made RGB (most IODs, ultrasound among them, forbid YBR_FULL)."""
     source = dcmread(data_file("SC_rgb_jpeg_dcmtk.dcm"))
@@ -346,3 +395,181 @@ def test_large_pixel_data_is_read_from_disk_frame_by_frame(tmp_path, monkeypatch
     np.testing.assert_array_equal(
         raw(dcmread(tmp_path / "out.dcm")), raw(dcmread(data_file("emri_small.dcm")))
     )
+
+
+# Lossy history told by the codestream alone (issue 22): inputs whose header says nothing.
+LOSSY_IN = {"jls": "ISO_14495_1", "j2k": "ISO_15444_1", "htj2k": "ISO_15444_15"}
+LOSSY_WHY = {
+    "jls": "JPEG-LS NEAR=2 in the codestream",
+    "j2k": "irreversible 9-7 wavelet in the JPEG 2000 codestream",
+    "htj2k": "irreversible 9-7 wavelet in the HTJ2K codestream",
+}
+LOSSY_HEADER = ("LossyImageCompression", "LossyImageCompressionRatio",
+                "LossyImageCompressionMethod")  # fmt: skip
+
+
+def coded(kind: str, name: str = "CT_small.dcm") -> Dataset:
+    """A real image coded as `kind`, with no (0028,2110/2112/2114) in its header."""
+    import imagecodecs
+
+    ds = dcmread(data_file(name))
+    pixels = raw(ds)
+    if kind == "jls":  # signed data: arr= checks the range (FIELD-NOTES 6)
+        ds.compress(uid.JPEGLSNearLossless, arr=pixels, jls_error=2, generate_instance_uid=False)
+    elif kind == "jls-near0":
+        ds.compress(uid.JPEGLSNearLossless, arr=pixels, jls_error=0, generate_instance_uid=False)
+    elif kind == "j2k":
+        ds.compress(uid.JPEG2000, j2k_cr=[10], generate_instance_uid=False)
+    elif kind == "j2k-reversible-as-91":  # .91 "may be lossless": the label proves nothing
+        ds.compress(uid.JPEG2000Lossless, generate_instance_uid=False)
+        ds.file_meta.TransferSyntaxUID = uid.JPEG2000
+    else:
+        lossy = kind == "htj2k"
+        encoded = imagecodecs.htj2k_encode(pixels, level=0.002 if lossy else None,
+                                           reversible=not lossy)  # fmt: skip
+        ds.PixelData = encapsulate([bytes(encoded)])
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
+        ds.file_meta.TransferSyntaxUID = uid.HTJ2K
+    for keyword in LOSSY_HEADER:
+        ds.pop(keyword, None)
+    return ds
+
+
+def input_ratio(ds: Dataset) -> float:
+    encoded = sum(len(f) for f in generate_frames(ds.PixelData, number_of_frames=1))
+    return ds.Rows * ds.Columns * 2 / encoded
+
+
+@pytest.mark.parametrize("target", [uid.JPEGLSLossless, uid.HTJ2KLossless,
+                                    uid.ExplicitVRLittleEndian])  # fmt: skip
+@pytest.mark.parametrize("kind", LOSSY_IN)
+def test_lossless_step_on_a_lossy_codestream_records_the_input_step(kind, target):
+    source = coded(kind)
+    result = transcode(source, spec(target))
+    assert result.outcome == "recompressed", result.notes
+    out = result.dataset
+    assert out.LossyImageCompression == "01"
+    assert out.LossyImageCompressionMethod == LOSSY_IN[kind]
+    assert float(out.LossyImageCompressionRatio) == pytest.approx(input_ratio(source), abs=0.01)
+    assert out.SOPInstanceUID == source.SOPInstanceUID  # this step itself was lossless
+
+
+@pytest.mark.parametrize("kind", LOSSY_IN)
+def test_a_lossy_codestream_is_already_lossy_for_the_safety_default(kind):
+    source = coded(kind)
+    lossy = (Target(uid.JPEG2000, j2k_cr=(10.0,)) if kind == "jls"
+             else Target(uid.JPEGLSNearLossless, jls_error=2))  # fmt: skip
+    refused = transcode(source, TranscodeSpec(lossy, (Target(uid.JPEGLSLossless),)))
+    assert refused.target == Target(uid.JPEGLSLossless)
+    assert "safety: no lossy compression of already-lossy images" in refused.notes[0]
+    allowed = transcode(source, TranscodeSpec(lossy, allow_lossy=frozenset({"already-lossy"})))
+    assert allowed.target == lossy, allowed.notes
+    out = allowed.dataset
+    new_method = "ISO_15444_1" if kind == "jls" else "ISO_14495_1"
+    assert list(out.LossyImageCompressionMethod) == [LOSSY_IN[kind], new_method]
+    ratios = [float(r) for r in out.LossyImageCompressionRatio]
+    assert ratios == [pytest.approx(input_ratio(source), abs=0.01),
+                      pytest.approx(allowed.ratio, abs=0.01)]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["jls-near0", "j2k-reversible-as-91", "htj2k-reversible"])
+def test_lossless_codestreams_are_no_lossy_history(kind):
+    source = coded(kind)
+    assert capability.lossy_history(source, capability.pixel_facts(source)) is None
+    out = transcode(source, spec(uid.JPEGLSLossless)).dataset
+    assert not any(keyword in out for keyword in LOSSY_HEADER)
+    lossy = Target(uid.HTJ2K, htj2k_qstep=0.002)
+    assert transcode(source, TranscodeSpec(lossy)).target == lossy  # not guarded
+
+
+def test_jpeg_ls_lossless_input_is_no_lossy_history():
+    source = dcmread(data_file("emri_small_jpeg_ls_lossless.dcm"))
+    source.pop("LossyImageCompression")
+    assert capability.lossy_history(source, capability.pixel_facts(source)) is None
+
+
+def test_pydicoms_jpeg_ls_near_lossless_file_is_lossy_by_its_codestream():
+    source = dcmread(data_file("JPEGLSNearLossless_16.dcm"))
+    assert "LossyImageCompression" not in source
+    out = transcode(source, spec(uid.ExplicitVRLittleEndian)).dataset
+    assert (out.LossyImageCompression, out.LossyImageCompressionMethod) == ("01", "ISO_14495_1")
+    history = capability.lossy_history(source, capability.pixel_facts(source))
+    assert history == capability.LossyHistory(
+        "JPEG-LS NEAR=2 in the codestream", "ISO_14495_1", pytest.approx(input_ratio(source))
+    )
+
+
+def test_jpeg_baseline_input_gets_its_method_before_a_new_step():
+    source = dcmread(data_file("examples_ybr_color.dcm"))  # 2110 01, ratio 19, no method
+    assert "LossyImageCompressionMethod" not in source
+    out = transcode(source, spec(uid.JPEGLSLossless)).dataset
+    assert (out.LossyImageCompressionRatio, out.LossyImageCompressionMethod) == (
+        source.LossyImageCompressionRatio, "ISO_10918_1")  # fmt: skip
+
+
+def test_lossy_history_of_deferred_pixel_data_is_read_from_the_file(tmp_path):
+    path = tmp_path / "jls.dcm"
+    coded("jls").save_as(path, enforce_file_format=True)
+    source = dcmread(path, defer_size=256)
+    out = transcode(source, spec(uid.JPEGLSLossless), path).dataset
+    assert (out.LossyImageCompression, out.LossyImageCompressionMethod) == ("01", "ISO_14495_1")
+    assert source.get_item(0x7FE00010, keep_deferred=True).value is None  # still on disk
+    facts = capability.pixel_facts(source)
+    assert capability.lossy_history(source, facts, path).method == "ISO_14495_1"
+
+
+def with_first_fragment(source: Dataset, fragment: bytes) -> Dataset:
+    """`source` with `fragment` as its one fragment (any length: encapsulate() refuses 0)."""
+    ds = copy.deepcopy(source)
+    item = b"\xfe\xff\x00\xe0"
+    fragment += b"\0" * (len(fragment) % 2)
+    ds.PixelData = item + bytes(4) + item + struct.pack("<I", len(fragment)) + fragment
+    return ds
+
+
+@pytest.mark.parametrize("kind", LOSSY_IN)
+def test_damaged_codestreams_never_raise_and_are_no_evidence(kind):
+    source = coded(kind)
+    facts = capability.pixel_facts(source)
+    codestream = next(generate_frames(source.PixelData, number_of_frames=1))
+    history = capability.lossy_history(source, facts)
+    assert history is not None and history.why == LOSSY_WHY[kind]
+    header_end = codestream.find(b"\xff\xda" if kind == "jls" else b"\xff\x90")
+    for cut in range(header_end + 16):  # every prefix: a cut codestream
+        found = capability.lossy_history(with_first_fragment(source, codestream[:cut]), facts)
+        assert found is None or found.why == LOSSY_WHY[kind], cut
+    assert capability.lossy_history(with_first_fragment(source, codestream[:8]), facts) is None
+    rng = np.random.default_rng(22)
+    for _ in range(200):  # bytes overwritten in the headers
+        damaged = bytearray(codestream)
+        for at in rng.integers(0, header_end + 16, 3):
+            damaged[at] = int(rng.integers(0, 256))
+        capability.lossy_history(with_first_fragment(source, bytes(damaged)), facts)
+    broken = copy.deepcopy(source)
+    broken.PixelData = b"\x00" * 64  # no item at all
+    assert capability.lossy_history(broken, facts) is None
+    broken.LossyImageCompression = "01"
+    assert capability.lossy_history(broken, facts).why == "Lossy Image Compression 01 in the header"
+
+
+def test_jpeg_baseline_is_lossy_whatever_its_data_and_header_say():
+    source = dcmread(data_file("examples_ybr_color.dcm"))
+    for keyword in LOSSY_HEADER:
+        source.pop(keyword, None)
+    facts = capability.pixel_facts(source)
+    assert capability.lossy_history(source, facts).ratio > 10  # measured from the fragments
+    source.PixelData = b"\x00" * 64  # damaged: the syntax alone says lossy
+    history = capability.lossy_history(source, facts)
+    assert (history.why, history.method, history.ratio) == (
+        "JPEG baseline input", "ISO_10918_1", None)  # fmt: skip
+
+
+def test_a_jp2_wrapped_codestream_is_read_too():
+    source = coded("j2k")
+    codestream = next(generate_frames(source.PixelData, number_of_frames=1))
+    jp2 = b"\x00\x00\x00\x0cjP  \r\n\x87\n" + b"\x00\x00\x00\x14ftypjp2 \x00\x00\x00\x00jp2 "
+    jp2 += struct.pack(">I", 8 + len(codestream)) + b"jp2c" + codestream
+    facts = capability.pixel_facts(source)
+    found = capability.lossy_history(with_first_fragment(source, jp2), facts)
+    assert found is not None and found.method == "ISO_15444_1"

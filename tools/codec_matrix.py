@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 from pydicom import dcmread  # noqa: E402
 from pydicom.data import get_testdata_file  # noqa: E402
 
-from node.capability import pixel_facts  # noqa: E402
+from node.capability import lossy_history, pixel_facts  # noqa: E402
 from node.syntaxes import TranscodeSpec, parse_target, syntax_name  # noqa: E402
 from node.transcode import transcode  # noqa: E402
 
@@ -89,6 +89,7 @@ class Cell:
     ratio: float | None
     max_error: int | None
     notes: list[str]
+    lossy_in: str | None  # why the input is lossy already (capability.lossy_history), or None
 
 
 def compute(path: Path, label: str) -> Cell:
@@ -96,6 +97,10 @@ def compute(path: Path, label: str) -> Cell:
     ds = dcmread(path)
     result = transcode(ds, spec(label))
     out = result.dataset if result.dataset is not None else ds
+    try:
+        history = lossy_history(ds, pixel_facts(ds))
+    except ValueError:  # an unusable Image Pixel module: nothing to tell
+        history = None
     return Cell(
         file=path.name,
         target=label,
@@ -106,6 +111,7 @@ def compute(path: Path, label: str) -> Cell:
         ratio=round(result.ratio, 2) if result.ratio else None,
         max_error=result.max_error,
         notes=list(result.notes),
+        lossy_in=history.why if history else None,
     )
 
 
@@ -119,14 +125,19 @@ def describe(path: Path) -> str:
     if f.pixel_keyword is None:
         return f"{ds.get('Modality', '?')}, no pixel data"
     sign = "signed" if f.pixel_representation else "unsigned"
+    history = lossy_history(ds, f)
     return (
         f"{ds.get('Modality', '?')} {syntax_name(f.syntax)}, {f.photometric} "
         f"{f.samples}x{f.bits_allocated}/{f.bits_stored} {sign}, {f.rows}x{f.columns}"
         + (f", {f.frames} frames" if f.frames > 1 else "")
+        + (f", already lossy ({history.why})" if history else "")
     )
 
 
 def _short(cell: Cell, footnotes: dict[str, int]) -> str:
+    if cell.outcome == "recompressed" and cell.syntax_out != spec(cell.target).target.syntax:
+        reasons = "; ".join(n.split(": ", 1)[-1] for n in cell.notes[:-1])  # last: what it did
+        return f"EVRLE [{footnotes.setdefault(reasons, len(footnotes) + 1)}]"
     if cell.outcome == "recompressed":
         if cell.max_error is None:
             return f"lossy {cell.ratio}:1"
@@ -161,6 +172,11 @@ def render(cells: list[Cell], descriptions: dict[str, str]) -> str:
         "- `as sent`: the rule says keep.",
         "- `as received [n]`: the target cannot take this image; it is forwarded exactly as",
         "  received, for the reason in note n (each refused target is listed in order).",
+        "- `EVRLE [n]`: big endian input the target cannot take (note n) leaves in Explicit VR",
+        "  Little Endian all the same: its byte order changed, bit-exact, no codec involved.",
+        "- `already lossy (why)` after an image: lossy before it arrived, by its codestream or",
+        "  its header; every output keeps Lossy Image Compression 01, and lossy targets need",
+        "  `allow_lossy: [already-lossy]`.",
         "",
         "Targets: " + "; ".join(f"`{k}` = `{json.dumps(v)}`" for k, v in TARGETS.items()),
         "",
