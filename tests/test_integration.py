@@ -198,7 +198,7 @@ def test_retired_ultrasound_sop_class_is_accepted(node_factory, tmp_path):
 def test_echo_and_calling_aet_globs(node_factory):
     node = node_factory(
         "node: {host: 127.0.0.1, port: {port}, spool: ./spool}\n"
-        'accept: {calling_aets: ["CT?", "MR*"]}\n'
+        'accept: {calling_aets: ["CT?", "MR*"], echo_any_aet: false}\n'
         "destinations: {archive: {type: folder, path: ./archive}}\n"
         "rules: [{name: all, send_to: [archive]}]\n"
     )

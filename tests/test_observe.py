@@ -39,7 +39,7 @@ def observed_node(node_factory):
     node = node_factory(
         "node: {host: 127.0.0.1, port: {port}, spool: ./spool}\n"
         f"http: {{host: 127.0.0.1, port: {http_port}}}\n"
-        'accept: {calling_aets: ["CT*"]}\n'
+        'accept: {calling_aets: ["CT*"], echo_any_aet: false}\n'
         "destinations: {archive: {type: folder, path: ./archive}}\n"
         "rules: [{name: ct, transcode: {syntax: JPEGLSLossless}, send_to: [archive]}]\n"
     )
