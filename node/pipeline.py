@@ -1,5 +1,5 @@
 """The dispatcher: feeds spool entries to the codec worker processes, makes their output
-durable and queues it for each destination of the rule (node/queue.py); one DestinationWorker
+durable and queues it for each destination of the rule (node/deliver/queue.py); one DestinationWorker
 per destination delivers. An entry is deleted only when every destination has it.
 
 Codec work in flight is bounded (two entries per worker), so memory stays flat whatever the
@@ -19,12 +19,12 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from node import observe as metrics
 from node.config import Config
-from node.destination_worker import DestinationWorker
-from node.process import ProcessOutcome, keep_freed_memory_for_reuse, process_entry
-from node.queue import QUEUE_FILE, DeliveryQueue, FinishedEntry, NewDelivery
+from node.deliver.queue import QUEUE_FILE, DeliveryQueue, FinishedEntry, NewDelivery
+from node.deliver.worker import DestinationWorker
+from node.ops import observe as metrics
 from node.spool import Spool, SpoolEntry
+from node.transcode.process import ProcessOutcome, keep_freed_memory_for_reuse, process_entry
 
 log = logging.getLogger("dicom_node.pipeline")
 

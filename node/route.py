@@ -7,13 +7,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from node.config import RoutingRule
-
-ASSOCIATION_KEYS = ("CallingAET", "CalledAET")
 
 
 @dataclass(frozen=True)
@@ -22,18 +19,6 @@ class Arrival:
 
     calling_aet: str = ""
     called_aet: str = ""
-
-
-def match_keyword_problem(keyword: str) -> str | None:
-    """Why `keyword` cannot be used in a rule's match, or None."""
-    if keyword in ASSOCIATION_KEYS:
-        return None
-    tag = tag_for_keyword(keyword) if keyword else None
-    if tag is None:
-        return f"'{keyword}' is not a DICOM keyword (nor CallingAET / CalledAET)"
-    if dictionary_VR(tag) == "SQ":
-        return f"'{keyword}' is a sequence; rules match on plain attributes only"
-    return None
 
 
 def attribute_texts(ds: Dataset, keyword: str, arrival: Arrival) -> list[str] | None:

@@ -10,7 +10,7 @@ Layout under the spool root:
   configs/<config>.json          those configurations (YAML text, source, base folder)
   work/<entry>.<n>.dcm           transcoder output being written (discarded on restart)
   out/<entry>.dcm                transcoded output, fsync'd, waiting in the delivery queue
-  queue.sqlite3                  the delivery queue (node/queue.py)
+  queue.sqlite3                  the delivery queue (node/deliver/queue.py)
   quarantine/<entry>.dcm         what the node could not route, with <entry>.reason.txt beside it
   dead-letter/<destination>/     what a destination never took, with <entry>.reason.txt
   tmp/                           partial writes; anything here was never acknowledged

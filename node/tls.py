@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import ssl
 
-from node import observe as metrics
 from node.config import TlsSettings
+from node.ops import observe as metrics
 
 log = logging.getLogger("dicom_node.receive")
 

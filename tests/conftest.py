@@ -203,7 +203,7 @@ def start_node(
     config.write_text(config_text.replace("{port}", str(port)))
     log = root / "node.log"
     process = subprocess.Popen(
-        [sys.executable, "-m", "node.cli", "serve", "-c", str(config), *args],
+        [sys.executable, "-m", "node.ops.cli", "serve", "-c", str(config), *args],
         stdout=log.open("ab"), stderr=subprocess.STDOUT, cwd=root,
         start_new_session=True, env={**os.environ, **(env or {})},
     )  # fmt: skip

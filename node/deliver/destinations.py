@@ -1,0 +1,239 @@
+"""Delivery: put a processed instance where its rule says — a folder (atomic, fsync'd) or a DICOM
+peer (C-STORE). Raises DeliveryError on failure; the caller keeps the spool entry and retries.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import string
+import time
+from pathlib import Path, PurePosixPath
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from node.config import DicomDestination, FolderDestination
+from node.spool import fsync_directory, link_into, write_durably
+from node.vocabulary.syntaxes import syntax_name
+
+log = logging.getLogger("dicom_node.deliver")
+_UNCOMPRESSED = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
+
+_MAX_COMPONENT = 64
+_UNSAFE = re.compile(r"[^A-Za-z0-9._^=+-]")
+# DIMSE statuses that mean the peer has the instance (PS3.7 Annex C: 0x0000, 0x0001, 0xBxxx).
+_DELIVERED = (0x0000, 0x0001, 0x0107, 0x0116)
+
+
+class DeliveryError(Exception):
+    """The destination did not take the instance; `retryable` says whether trying later may help."""
+
+    def __init__(self, message: str, retryable: bool = True):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+# --- folder layout -------------------------------------------------------------------------
+
+
+def _safe_component(value: object) -> str:
+    text = str(value).strip() if value not in (None, "") else ""
+    text = _UNSAFE.sub("_", text)[:_MAX_COMPONENT].lstrip(".")
+    return text or "UNKNOWN"
+
+
+def layout_path(layout: str, ds: Dataset) -> PurePosixPath:
+    """The relative file path for `ds`: every dataset value is reduced to a safe single path
+    component (no separators, no leading dots, at most 64 characters), so no value can make
+    the path leave the destination folder."""
+    out = []
+    for literal, name, _spec, _conv in string.Formatter().parse(layout):
+        out.append(literal)
+        if name is not None:
+            out.append(_safe_component(ds.get(name, "")))
+    return PurePosixPath("".join(out))
+
+
+def deliver_to_folder(
+    dest: FolderDestination, relative: PurePosixPath, source: Path, sync_directory: bool = True
+) -> Path:
+    """Put `source` at dest.path/relative atomically (temporary name, rename).
+
+    `source` is durable already (the spool fsyncs everything it hands out), so on the same
+    filesystem it is hard-linked: no copy, no second write of the data. Elsewhere it is
+    copied and fsync'd. The folder is fsync'd unless the caller does that for a group of files
+    (`sync_directory=False`).
+    """
+    root = dest.path.resolve()
+    target = (root / relative).resolve()
+    if not target.is_relative_to(root) or target == root:
+        raise DeliveryError(f"path {relative} leaves {root}; refused", retryable=False)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if link_into(target, source):
+            if sync_directory:
+                fsync_directory(target.parent)
+        else:
+            write_durably(target, target.parent, source=source, sync_directory=sync_directory)
+    except OSError as exc:
+        raise DeliveryError(f"cannot write {target}: {exc.strerror or exc}") from None
+    return target
+
+
+# --- DICOM peer ----------------------------------------------------------------------------
+
+
+class PeerSession:
+    """C-STOREs to one DICOM destination over a reused association.
+
+    Per SOP class it proposes the syntax the rule produced and, in a second context, the
+    uncompressed syntaxes. When the peer accepts only the latter, the instance is decoded
+    (verified, so a lossless output goes out with the original pixels, bit-exact) and sent
+    uncompressed; that is logged once per SOP class.
+    """
+
+    MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1-255
+
+    def __init__(self, dest: DicomDestination):
+        from pynetdicom import _config
+
+        # send_c_store(path) then streams the file's encoded dataset in PDU-sized chunks
+        # instead of decoding it whole: it needs a context in the file's exact syntax,
+        # which is what _store picks.
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        self.dest = dest
+        self.assoc = None
+        self.sent = 0
+        self.last_used = 0.0
+        self._proposed: set[str] = set()
+        self._warned: set[str] = set()
+
+    def _allowed(self, syntax: str) -> bool:
+        return self.dest.accept_syntaxes is None or syntax in self.dest.accept_syntaxes
+
+    def _open(self, wanted: list[tuple[str, str]]) -> None:
+        from pynetdicom import AE
+
+        ae = AE(ae_title=self.dest.calling_ae_title)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.dest.timeout
+        ae.connection_timeout = self.dest.timeout
+        ae.maximum_pdu_size = 0
+        uncompressed = [ts for ts in _UNCOMPRESSED if self._allowed(ts)]
+        proposed: set[str] = set()
+        count = 0
+        for sop_class, syntax in wanted:
+            extra = int(sop_class not in proposed and bool(uncompressed))
+            if count + 1 + extra > self.MAX_CONTEXTS:
+                break
+            if self._allowed(syntax) and syntax not in _UNCOMPRESSED:
+                ae.add_requested_context(sop_class, [syntax])
+                count += 1
+            if sop_class not in proposed and uncompressed:
+                ae.add_requested_context(sop_class, uncompressed)
+                count += 1
+            proposed.add(sop_class)
+        tls_args = None
+        if self.dest.tls is not None:
+            from node.tls import client_context
+
+            tls_args = (client_context(self.dest.tls), self.dest.tls.server_name or self.dest.host)
+        assoc = ae.associate(
+            self.dest.host, self.dest.port, ae_title=self.dest.ae_title, tls_args=tls_args
+        )
+        if not assoc.is_established:
+            how = "rejected" if assoc.is_rejected else "failed"
+            raise DeliveryError(
+                f"association with {self.dest.ae_title}@{self.dest.host}:{self.dest.port} {how}"
+            )
+        set_nodelay(assoc)
+        self.assoc, self._proposed, self.sent = assoc, proposed, 0
+
+    def send(self, path: Path, sop_class: str, syntax: str, upcoming: list[tuple[str, str]]) -> int:
+        """C-STORE `path`; `upcoming` (SOP class, syntax) pairs shape a new association."""
+        limit = self.dest.max_per_association
+        if self.assoc is not None and (
+            not self.assoc.is_established
+            or sop_class not in self._proposed
+            or (limit and self.sent >= limit)
+        ):
+            self.close()
+        if self.assoc is None:
+            self._open([(sop_class, syntax), *upcoming])
+        try:
+            return self._store(path, sop_class, syntax)
+        finally:
+            self.sent += 1
+            self.last_used = time.monotonic()
+
+    def _store(self, path: Path, sop_class: str, syntax: str) -> int:
+        accepted = {
+            cx.transfer_syntax[0] for cx in self.assoc.accepted_contexts
+            if cx.abstract_syntax == sop_class
+        }  # fmt: skip
+        if syntax in accepted:
+            status = self.assoc.send_c_store(path)
+        elif plain := next((ts for ts in _UNCOMPRESSED if ts in accepted), None):
+            if sop_class not in self._warned:
+                self._warned.add(sop_class)
+                log.warning(
+                    "%s does not accept %s for %s; sending uncompressed (%s)",
+                    self.dest.name, syntax_name(syntax), sop_class, syntax_name(plain),
+                )  # fmt: skip
+            status = self.assoc.send_c_store(_decompressed(path, plain))
+        else:
+            raise DeliveryError(
+                f"{self.dest.name} accepts neither {syntax_name(syntax)} nor an uncompressed "
+                f"syntax for {sop_class}",
+                retryable=False,
+            )
+        return _check_status(self.dest.name, status)
+
+    def close_if_idle(self) -> None:
+        if self.assoc is not None and time.monotonic() - self.last_used > self.dest.idle_timeout:
+            self.close()
+
+    def close(self) -> None:
+        if self.assoc is not None:
+            if self.assoc.is_established:
+                self.assoc.release()
+            self.assoc = None
+
+
+def _decompressed(path: Path, syntax: str) -> Dataset:
+    """The instance at `path` with native pixel data, verified against the decoded input."""
+    from pydicom import dcmread
+
+    from node.config.targets import Target, TranscodeSpec
+    from node.transcode.step import transcode
+
+    ds = dcmread(path)
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        result = transcode(ds, TranscodeSpec(Target(UID(ExplicitVRLittleEndian))))
+        if result.dataset is None:
+            raise DeliveryError(f"cannot decompress for this peer: {'; '.join(result.notes)}",
+                                retryable=False)  # fmt: skip
+        ds = result.dataset
+    ds.file_meta.TransferSyntaxUID = syntax  # explicit <-> implicit is only an encoding choice
+    return ds
+
+
+def _check_status(name: str, status: Dataset) -> int:
+    code = int(status.Status) if "Status" in status else None
+    if code is None:
+        raise DeliveryError(f"{name}: no C-STORE response (association aborted or timed out)")
+    if code in _DELIVERED or code >> 12 == 0xB:
+        return code
+    comment = status.get("ErrorComment", "")
+    raise DeliveryError(
+        f"{name} answered status 0x{code:04X} {comment}".strip(),
+        retryable=(code >> 8) == 0xA7,  # out of resources: try again later
+    )
+
+
+def set_nodelay(assoc) -> None:
+    """pynetdicom never sets TCP_NODELAY; without it small PDUs wait on delayed ACKs."""
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

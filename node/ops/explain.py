@@ -1,0 +1,115 @@
+"""`dicom-node explain` and `check-config` summaries: what the node would do, as text.
+
+explain runs the very same route and transcode functions as the node, in memory: no network,
+nothing written, so it cannot disagree with what the node does.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from pydicom import dcmread
+
+from node.config import Config, DicomDestination, FolderDestination, RoutingRule
+from node.deliver.destinations import layout_path
+from node.route import Arrival, select_rule
+from node.transcode.capability import lossy_history, pixel_facts
+from node.transcode.process import read_arrival
+from node.transcode.step import transcode
+from node.vocabulary.syntaxes import syntax_name
+
+
+def describe_rule(rule: RoutingRule) -> str:
+    match = ", ".join(f"{k}={'|'.join(v)}" for k, v in rule.match) or "everything"
+    targets = " then ".join(t.describe() for t in rule.transcode.candidates)
+    return f"{rule.name}: {match} -> {targets} -> {', '.join(rule.send_to)}"
+
+
+def describe_destination(dest: FolderDestination | DicomDestination) -> str:
+    if isinstance(dest, FolderDestination):
+        return f"{dest.name}: folder {dest.path} layout {dest.layout}"
+    return (
+        f"{dest.name}: DICOM {dest.ae_title}@{dest.host}:{dest.port} (as {dest.calling_ae_title})"
+    )
+
+
+def config_summary(config: Config) -> str:
+    n = config.node
+    lines = [
+        f"{config.source}: OK",
+        f"node: {n.ae_title} on {n.host}:{n.port}, spool {n.spool}, "
+        f"workers {n.workers or 'one per core'}",
+        f"accept: calling AE titles {', '.join(config.accept.calling_aets)}; "
+        f"called AE titles {', '.join(config.accept.called_aets)}; "
+        f"networks {', '.join(map(str, config.accept.networks))}",
+        "destinations:",
+        *(f"  {describe_destination(d)}" for d in config.destinations.values()),
+        "rules (the first match wins):",
+        *(f"  {i}. {describe_rule(r)}" for i, r in enumerate(config.rules, 1)),
+    ]
+    lines += [f"warning: {w}" for w in config.warnings]
+    return "\n".join(lines)
+
+
+def explain_file(config: Config, path: Path, arrival: Arrival | None = None) -> str:
+    warnings.filterwarnings("ignore", module="pydicom")
+    try:
+        ds = dcmread(path)
+        facts = pixel_facts(ds)
+    except Exception as exc:
+        return f"{path}\n  unreadable: {exc}\n  => the node would quarantine it with this reason"
+    arrival = arrival or read_arrival(ds)
+    lines = [
+        f"{path}",
+        f"  dataset: {ds.get('Modality', '?')} {getattr(ds.get('SOPClassUID'), 'name', '?')}, "
+        f"received as {syntax_name(facts.syntax)}, {facts.photometric} "
+        f"{facts.samples}x{facts.bits_allocated}/{facts.bits_stored} bit "
+        f"{'signed' if facts.pixel_representation else 'unsigned'}, "
+        f"{facts.rows}x{facts.columns}, {facts.frames} frame(s)",
+        f"  association: CallingAET={arrival.calling_aet or '(none)'} "
+        f"CalledAET={arrival.called_aet or '(none)'}",
+    ]
+    if (history := lossy_history(ds, facts)) is not None:
+        lines.append(f"  input: already lossy ({history.why})")
+    rule = select_rule(config.rules, ds, arrival)
+    if rule is None:
+        lines.append("  rule: none matches => quarantined in the spool with a reason file")
+        return "\n".join(lines)
+    lines.append(f"  rule: {rule.name} ({config.source}:{rule.line})")
+    result = transcode(ds, rule.transcode)
+    for note in result.notes:
+        lines.append(f"  note: {note}")
+    if result.dataset is None:
+        how = "as received" if result.outcome == "passed-through" else "unchanged (keep)"
+        lines.append(f"  result: {result.outcome}: forwarded {how} in {syntax_name(facts.syntax)}")
+        out = ds
+    else:
+        out = result.dataset
+        target = result.target
+        assert target is not None
+        if result.max_error is None:
+            verified = "decodes (lossy: ratio recorded)"
+        elif result.max_error == 0:
+            verified = "bit-exact"
+        else:
+            verified = f"max pixel error {result.max_error}"
+        lines.append(
+            f"  result: recompressed to {target.describe()}, ratio {result.ratio:.2f}:1, "
+            f"verified {verified}"
+        )
+        if target.is_lossy:
+            methods = out.data_element("LossyImageCompressionMethod")
+            lines.append(
+                f"  lossy: new SOP Instance UID {out.SOPInstanceUID}, Lossy Image Compression 01, "
+                f"methods {methods.value if methods.VM == 1 else list(methods.value)}"
+            )
+    for name in rule.send_to:
+        dest = config.destinations[name]
+        where = (
+            f"{dest.path / str(layout_path(dest.layout, out))}"
+            if isinstance(dest, FolderDestination)
+            else f"{dest.ae_title}@{dest.host}:{dest.port}"
+        )
+        lines.append(f"  deliver: {name} -> {where}")
+    return "\n".join(lines)
