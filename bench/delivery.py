@@ -31,7 +31,7 @@ Orthanc is polled every 50 ms, so arrival times are +-0.05 s.
 Every process started here (Orthanc, the node, storescu) runs in its own process group and is
 stopped in a `finally`, also on Ctrl-C and SIGTERM. The temporary folder is removed at the end
 (with --keep, or after a failure, the logs are kept and their folder is printed).
-The process, Orthanc, node and storescu helpers live in bench/common.py.
+The process, Orthanc, node and storescu helpers live in bench/common.py (on tests/harness.py).
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ from common import (
     http_get,
     ignore_signals_for_cleanup,
     start_workspace,
+    table,
 )
 from common import Node as BaseNode
 from pydicom.uid import generate_uid
@@ -468,17 +469,11 @@ def _label(per_association: int) -> str:
 
 
 def print_report(bench: Bench, elapsed: float, corpus_seconds: float) -> None:
-    header = ("scenario", "images", "seconds", "images/s", "notes")
+    header = ["scenario", "images", "seconds", "images/s", "notes"]
     body = [
-        (r.scenario, str(r.images), f"{r.seconds:.2f}", f"{r.rate:.1f}", r.notes)
+        [r.scenario, str(r.images), f"{r.seconds:.2f}", f"{r.rate:.1f}", r.notes]
         for r in bench.rows
     ]
-    widths = [max(len(row[i]) for row in [header, *body]) for i in range(4)]
-
-    def fmt(row: tuple[str, ...]) -> str:
-        cells = [row[0].ljust(widths[0])] + [row[i].rjust(widths[i]) for i in (1, 2, 3)]
-        return " | ".join([*cells, row[4]])
-
     size = bench.corpus.bytes_total / len(bench.corpus.files) / 1024
     print()
     print(f"dicom-node delivery benchmark: {bench.count} CT images, 512x512 16-bit, "
@@ -490,10 +485,7 @@ def print_report(bench: Bench, elapsed: float, corpus_seconds: float) -> None:
         f"pynetdicom {pynetdicom.__version__}; {first_line([STORESCU, '--version'])}"
     )
     print()
-    print(fmt(header))
-    print("-+-".join("-" * w for w in widths) + "-+-" + "-" * 5)
-    for row in body:
-        print(fmt(row))
+    print(table(header, body))
     print()
     print(
         "rows 1-3: from the start of storescu until Orthanc has all images (node: workers 2, "

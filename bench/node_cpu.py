@@ -4,8 +4,8 @@
                                        [--senders 1] [--other PATH]
 
 One storescu association (or `--senders` of them, each with its share of the files) sends the
-corpus of bench/throughput.py (300 CT or 60 MR) to a node whose one rule transcodes to
-`--syntax` (or `keep`) into a folder. Per run the table gives: images/s until the last
+corpus of bench/throughput.py (300 CT or 60 MR, bench/corpora.py) to a node whose one rule
+transcodes to `--syntax` (or `keep`) into a folder. Per run the table gives: images/s until the last
 instance is in the archive, the time to every acknowledgement, the CPU milliseconds per
 instance of the receiving process (all its threads) and of the codec workers (from /proc,
 including workers recycled meanwhile), and how busy the whole machine was.
@@ -27,19 +27,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import common
-from common import POLL, BenchError, Node, Processes, Sender
-from throughput import (
+from common import (
     CLOCK_TICKS,
     CPU,
-    CT,
-    MR,
+    POLL,
     STORESCU_OPTIONS,
+    BenchError,
+    Node,
+    Processes,
+    Sender,
     archive_files,
     machine_busy_ticks,
-    make_corpus,
     process_ticks,
     tree_pids,
 )
+from corpora import CT, MR, make_corpus
 
 CONFIG = """\
 node: {{ae_title: {aet}, host: 127.0.0.1, port: {port}, spool: ./spool, workers: 0}}

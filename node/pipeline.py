@@ -1,6 +1,6 @@
 """The dispatcher: feeds spool entries to the codec worker processes, makes their output
-durable and queues it for each destination of the rule (node/deliver/queue.py); one DestinationWorker
-per destination delivers. An entry is deleted only when every destination has it.
+durable and queues it for each destination of the rule (node/deliver/queue.py); one
+DestinationWorker per destination delivers. An entry is deleted only when every destination has it.
 
 Codec work in flight is bounded (two entries per worker), so memory stays flat whatever the
 senders do; the spool on disk is the backlog.

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,6 +21,8 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
 from node.config import Config, parse_config
+from tests import harness
+from tests.harness import free_port, http_get, wait_for
 
 warnings.filterwarnings("ignore", module="pydicom")
 
@@ -47,33 +49,6 @@ def one_rule_config(folder: Path, syntax: str) -> Config:
         "node.yaml",
         folder,
     )
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05):
-    """Poll `predicate` until it returns something truthy; fail with `what` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
-_HANDED_OUT: set[int] = set()
-
-
-def free_port() -> int:
-    """A port nothing listens on, never one this test session handed out before: two calls
-    in a row (a DICOM and an HTTP port) could otherwise get the same one from the kernel."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
 
 
 def require(tool: str) -> str:
@@ -252,50 +227,18 @@ def node_factory(tmp_path: Path) -> Iterator[Callable[..., RunningNode]]:
 # --- downstream peers -------------------------------------------------------------------------
 
 
-@dataclass
-class Orthanc:
-    """A real Orthanc (Debian package) on free ports, with its own storage folder."""
-
-    root: Path
-    dicom_port: int
-    http_port: int
-    process: subprocess.Popen | None = None
+class Orthanc(harness.Orthanc):
+    """A real Orthanc (Debian package) on free ports, with its own storage folder; launched
+    and stopped by tests/harness.py (shared with bench/)."""
 
     def start(self) -> Orthanc:
-        import json
-
         require("Orthanc")
-        self.root.mkdir(parents=True, exist_ok=True)
-        config = self.root / "orthanc.json"
-        config.write_text(json.dumps({
-            "Name": "test", "StorageDirectory": str(self.root / "db"),
-            "IndexDirectory": str(self.root / "db"), "DicomAet": "ORTHANC",
-            "DicomPort": self.dicom_port, "HttpPort": self.http_port,
-            "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-            "DicomCheckCalledAet": False, "Plugins": [],
-        }))  # fmt: skip
-        log = (self.root / "orthanc.log").open("ab")
-        self.process = subprocess.Popen(
-            ["Orthanc", str(config)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        wait_for(lambda: self._alive() and self._get("/system") is not None, 60, "Orthanc")
+        super().start()
         return self
 
-    def _alive(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(f"Orthanc exited: {(self.root / 'orthanc.log').read_text()}")
-        return True
-
     def _get(self, path: str):
-        import json
-        import urllib.request
-
         try:
-            with urllib.request.urlopen(
-                f"http://127.0.0.1:{self.http_port}{path}", timeout=10
-            ) as r:
-                data = r.read()
+            data = http_get(self.http_port, path, timeout=10)
         except OSError:
             return None
         return data if path.endswith("/file") else json.loads(data)
@@ -313,15 +256,6 @@ class Orthanc:
         return [
             dcmread(BytesIO(self._get(f"/instances/{i}/file"))) for i in self._get("/instances")
         ]
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
 
 
 @pytest.fixture

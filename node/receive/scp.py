@@ -1,9 +1,9 @@
-"""The Storage SCP: pynetdicom's server and the association policy (with node/receive/c_store.py, the
+"""The Storage SCP: pynetdicom's server and the association policy (with c_store.py, the
 only modules that know pynetdicom serves). A C-STORE is written to the spool and fsync'd, and
 only then answered Success; nothing here decodes pixels.
 
 pynetdicom negotiates, releases and answers C-ECHO; C-STORE requests never reach its DIMSE
-layer (node/receive/c_store.py serves them in the socket's thread). Were one to, pynetdicom's default
+layer (c_store.py serves them in the socket's thread). Were one to, pynetdicom's default
 handler would answer it with a failure status, never Success.
 """
 

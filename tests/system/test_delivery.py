@@ -26,7 +26,7 @@ from tests.conftest import (
     storescu,
     wait_for,
 )
-from tests.test_crash import make_series
+from tests.system.test_crash import make_series
 
 pytestmark = pytest.mark.integration
 

@@ -14,8 +14,8 @@ from pydicom import dcmread
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless
 
 from tests.conftest import data_file, echo, free_port, require, storescu, wait_for
-from tests.test_crash import make_series
-from tests.test_observe import get, metric
+from tests.ops.test_observe import get, metric
+from tests.system.test_crash import make_series
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,7 @@ from pynetdicom.sop_class import Verification
 
 from node.config import load_config
 from tests.conftest import REPO, data_file, free_port, wait_for
-from tests.test_observe import get, metric
+from tests.ops.test_observe import get, metric
 
 pytestmark = pytest.mark.integration
 
