@@ -194,7 +194,9 @@ def test_refusals_are_dead_lettered_and_can_be_retried(node_factory):
                                    "  - {name: all, send_to: [peer]}"))  # fmt: skip
         storescu(node.port, [data_file("CT_small.dcm")])
         dead = node.spool / "dead-letter" / "peer"
-        reasons = wait_for(lambda: list(dead.glob("*.reason.txt")), 60, "a dead letter")
+        # the reason is written first, then the instance: wait for both
+        wait_for(lambda: list(dead.glob("*.dcm")), 60, "a dead letter")
+        reasons = wait_for(lambda: list(dead.glob("*.reason.txt")), 60, "its reason")
         assert "refused 2 times; last: peer answered status 0xC000" in reasons[0].read_text()
         assert len(list(dead.glob("*.dcm"))) == 1
         node.wait_spool_empty()  # the dead letter holds its own copy
