@@ -2,7 +2,8 @@
 
     .venv/bin/python tools/codec_matrix.py          # writes docs/codec-matrix.{md,json}
 
-Every cell comes from node.transcode.transcode, the very function the node's workers run.
+Every cell comes from node.transcode.step.transcode, the very function the node's workers run;
+the columns are those each registered codec declares (node/transcode/codecs).
 tests/system/test_codec_matrix.py sends the same images to a running node over DICOM and checks that
 what arrives is exactly what this table says (and that it is right: pixels, an independent
 decoder, dciodvfy).
@@ -27,25 +28,20 @@ from pydicom import dcmread  # noqa: E402
 from pydicom.data import get_testdata_file  # noqa: E402
 
 from node.config.targets import TranscodeSpec, parse_target  # noqa: E402
+from node.transcode import codecs  # noqa: E402
 from node.transcode.capability import lossy_history, pixel_facts  # noqa: E402
 from node.transcode.step import transcode  # noqa: E402
 from node.vocabulary.syntaxes import syntax_name  # noqa: E402
 
-# Column label -> the rule's transcode settings (as they would be written in node.yaml).
-TARGETS: dict[str, dict] = {
-    "keep": {"syntax": "keep"},
-    "EVRLE": {"syntax": "ExplicitVRLittleEndian"},
-    "RLE": {"syntax": "RLELossless"},
-    "JLS": {"syntax": "JPEGLSLossless"},
-    "JLS-near2": {"syntax": "JPEGLSNearLossless", "jls_error": 2},
-    "J2K": {"syntax": "JPEG2000Lossless"},
-    "J2K-MCT": {"syntax": "JPEG2000Lossless", "mct": True},
-    "J2K-cr": {"syntax": "JPEG2000", "j2k_cr": [20, 10, 5]},
-    "J2K-psnr": {"syntax": "JPEG2000", "j2k_psnr": [60, 80]},
-    "HTJ2K": {"syntax": "HTJ2KLossless"},
-    "HTJ2K-RPCL": {"syntax": "HTJ2KLosslessRPCL"},
-    "HTJ2K-q": {"syntax": "HTJ2K", "htj2k_qstep": 0.002},
-}
+
+def matrix_targets() -> dict[str, dict]:
+    """Column label -> the rule's transcode settings (as they would be written in node.yaml):
+    keep, then each registered codec's columns, in registry order."""
+    columns = (col for c in codecs.REGISTERED for col in c.matrix_columns)
+    return {"keep": {"syntax": "keep"}, **{label: dict(value) for label, value in columns}}
+
+
+TARGETS: dict[str, dict] = matrix_targets()
 
 # pydicom's own test files (and tests/data, made with DCMTK) added to every file of
 # pydicom-data: inputs pydicom-data lacks

@@ -3,28 +3,25 @@
 Frames are decoded raw (no colour conversion), encoded one at a time, and every encoded frame
 is decoded again and compared before it is kept: lossless must be bit-exact, near-lossless
 within jls_error. Any refusal or mismatch moves on to the next fallback; when none is left the
-instance goes on exactly as received.
+instance goes on exactly as received. Each family's encoder and decoder is a codec plugin
+(node/transcode/codecs); what is here is the same for all of them.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import struct
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileDataset
-from pydicom.encaps import encapsulate
 from pydicom.multival import MultiValue
 from pydicom.pixels import (
     as_pixel_options,
     convert_color_space,
-    get_decoder,
     get_encoder,
     iter_pixels,
 )
@@ -33,19 +30,14 @@ from pydicom.uid import (
     UID,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
-    HTJ2KLosslessRPCL,
-    JPEGLSNearLossless,
     generate_uid,
 )
 
 from node.config.targets import Target, TranscodeSpec
-from node.transcode import capability
-from node.vocabulary.syntaxes import HTJ2K_FAMILY, J2K_FAMILY, LOSSY_METHOD, syntax_name
+from node.transcode import capability, codecs
+from node.transcode.codecs.base import Codec, FrameJob, Refused
+from node.vocabulary.syntaxes import LOSSY_METHOD, syntax_name
 
-# Name the plugin: pydicom's pure-Python RLE encoder is ~8x slower (FIELD-NOTES 2).
-_PLUGIN = {"1.2.840.10008.1.2.5": "pylibjpeg", "1.2.840.10008.1.2.4.80": "pyjpegls",
-           "1.2.840.10008.1.2.4.81": "pyjpegls", "1.2.840.10008.1.2.4.90": "pylibjpeg",
-           "1.2.840.10008.1.2.4.91": "pylibjpeg"}  # fmt: skip
 # Extended Offset Table (+ lengths), Pixel Data; a set: a tuple compared pydicom tags one by one
 PIXEL_TAGS = frozenset((0x7FE00001, 0x7FE00002, 0x7FE00010))
 _RAW_VRS = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
@@ -63,10 +55,6 @@ class TranscodeResult:
     notes: tuple[str, ...] = ()
     ratio: float | None = None  # uncompressed / encoded pixel bytes, measured
     max_error: int | None = None  # largest absolute pixel difference found when verifying
-
-
-class Refused(Exception):
-    """This target cannot (or did not correctly) encode this image; the message says why."""
 
 
 def transcode(
@@ -134,24 +122,18 @@ def _encode(
     reason = capability.refusal(facts, target)
     if reason:
         raise Refused(reason)
-    assert target.syntax is not None
+    codec = codecs.codec_for(target.syntax)
+    assert target.syntax is not None and codec is not None  # refusal() said there is one
     out = _header_copy(ds)
     out.PhotometricInterpretation = capability.output_photometric(facts, target)
     if facts.samples > 1:
         out.PlanarConfiguration = 0  # decoded frames are always colour-by-pixel
-    params = {}
-    if target.jls_error is not None:
-        params["jls_error"] = target.jls_error
-    if target.j2k_cr is not None:
-        params["j2k_cr"] = list(target.j2k_cr)
-    if target.j2k_psnr is not None:
-        params["j2k_psnr"] = list(target.j2k_psnr)
 
     frames = decoded_frames(ds, facts, pixel_source)
-    if target.syntax == ExplicitVRLittleEndian:
+    if codec.build is None:  # native Pixel Data: no frame codec
         encoded_bytes, max_error = _native_pixels(frames, out, facts)
     else:
-        encoded_bytes, max_error = _encapsulated_pixels(frames, out, facts, target, params)
+        encoded_bytes, max_error = _encapsulated_pixels(frames, out, facts, target, codec)
 
     uncompressed = facts.frame_bytes * facts.frames
     ratio = uncompressed / encoded_bytes if encoded_bytes else None
@@ -172,12 +154,18 @@ def _encapsulated_pixels(
     out: Dataset,
     facts: capability.PixelFacts,
     target: Target,
-    params: dict,
-):
-    uid = UID(target.syntax)
-    encode, decode = _frame_codec(uid, as_pixel_options(out, **params), target, facts)
-    allowed_error = target.jls_error if uid == JPEGLSNearLossless else 0
-    bounded = not (target.is_lossy and uid in J2K_FAMILY)  # lossy J2K: ratio, not error bound
+    codec: Codec,
+) -> tuple[int, int | None]:
+    assert codec.build is not None
+    syntax = UID(target.syntax)
+    options = as_pixel_options(out)
+    options["number_of_frames"] = 1
+    colour_transform = capability.needs_mct(facts, target)
+    # get_encoder as this module holds it: see FrameJob.get_encoder
+    encode, decode = codec.build(
+        FrameJob(syntax, target, facts, options, colour_transform, get_encoder)
+    )
+    allowed_error = codec.error_bound(target)  # None: lossy, the ratio is recorded instead
     pixel_data = _Encapsulated(facts.frames)
     max_error = 0
     for index, frame in enumerate(frames):
@@ -185,19 +173,19 @@ def _encapsulated_pixels(
         decoded = decode(encoded)
         if decoded.shape != frame.shape:
             raise Refused(f"frame {index}: decoded shape {decoded.shape} != {frame.shape}")
-        if bounded:
+        if allowed_error is not None:
             error = _max_abs_difference(decoded, frame)
-            if error > (allowed_error or 0):
+            if error > allowed_error:
                 raise Refused(
                     f"verification failed on frame {index}: pixel error {error}, "
-                    f"allowed {allowed_error or 0}"
+                    f"allowed {allowed_error}"
                 )
             max_error = max(max_error, error)
         pixel_data.add(encoded)
     out.PixelData = pixel_data.finish()
     out["PixelData"].VR = "OB"
     out["PixelData"].is_undefined_length = True
-    return pixel_data.frame_bytes, (max_error if bounded else None)
+    return pixel_data.frame_bytes, (max_error if allowed_error is not None else None)
 
 
 class _Encapsulated:
@@ -233,66 +221,9 @@ class _Encapsulated:
         return data
 
 
-def _frame_codec(
-    uid: UID, opts: dict, target: Target, facts: capability.PixelFacts
-) -> tuple[Callable[[np.ndarray], bytes], Callable[[bytes], np.ndarray]]:
-    """(encode one frame, decode it again with pydicom) for this target."""
-    opts["number_of_frames"] = 1
-    decode_opts = {k: v for k, v in opts.items() if k not in ("jls_error", "j2k_cr", "j2k_psnr")}
-    decoder = get_decoder(uid)
-    # CharLS decodes JPEG-LS ~4x faster than libjpeg, pydicom's first choice (FIELD-NOTES 2).
-    decode_plugin = _PLUGIN.get(uid, "")
-
-    def decode(encoded: bytes) -> np.ndarray:
-        with warnings.catch_warnings():  # HTJ2K precision is the container's (see _htj2k)
-            warnings.simplefilter("ignore", UserWarning)
-            return decoder.as_array(
-                encapsulate([encoded]), raw=True, decoding_plugin=decode_plugin, **decode_opts
-            )[0]
-
-    if uid in HTJ2K_FAMILY:
-        return functools.partial(_htj2k, uid=uid, target=target, facts=facts), decode
-    encoder = get_encoder(uid)
-
-    def encode(frame: np.ndarray) -> bytes:
-        try:
-            return encoder.encode(frame, encoding_plugin=_PLUGIN[uid], **opts)
-        except ValueError as exc:  # pydicom's validation: pixel range, profile, shape
-            raise Refused(str(exc).replace("\n", " ")) from None
-
-    return encode, decode
-
-
-def _htj2k(frame: np.ndarray, uid: UID, target: Target, facts: capability.PixelFacts) -> bytes:
-    """OpenJPH through imagecodecs (pydicom has no HTJ2K encoder; FIELD-NOTES 8).
-
-    Its precision is the container's (8 or 16 bits), which pydicom's decoder accepts; the
-    default progression is RPCL; the RPCL syntax also needs TLM markers (PS3.5 8.2.15).
-    """
-    import imagecodecs  # only the workers that encode HTJ2K pay for the import
-
-    rpcl = uid == HTJ2KLosslessRPCL
-    encoded = imagecodecs.htj2k_encode(
-        np.ascontiguousarray(frame, dtype=frame.dtype.newbyteorder("=")),  # big endian input
-        level=target.htj2k_qstep,
-        reversible=not target.is_lossy,
-        rgb=capability.needs_mct(facts, target) if facts.samples == 3 else None,
-        tlm=rpcl,
-        tilepart=imagecodecs.HTJ2K.TILEPART.RESOLUTIONS if rpcl else None,
-    )
-    if rpcl and not _is_rpcl_with_tlm(encoded):
-        raise Refused("the HTJ2K encoder did not produce RPCL order with TLM markers")
-    return bytes(encoded)
-
-
-def _is_rpcl_with_tlm(codestream: bytes) -> bool:
-    header_end = codestream.find(b"\xff\x90")  # first SOT: the main header ends there
-    header = codestream[:header_end]
-    cod = header.find(b"\xff\x52")
-    return cod > 0 and header[cod + 5] == 2 and b"\xff\x55" in header  # 2 = RPCL
-
-
 def _native_pixels(frames: Iterator[np.ndarray], out: Dataset, facts: capability.PixelFacts):
+    """Explicit VR Little Endian Pixel Data: one value for all frames, OW or OB as Bits
+    Allocated says, verified as pydicom reads the finished dataset (see codecs/native.py)."""
     frames = [f.astype(f.dtype.newbyteorder("<"), copy=False) for f in frames]
     data = b"".join(f.tobytes() for f in frames)
     if len(data) % 2:

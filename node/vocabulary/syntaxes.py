@@ -1,10 +1,10 @@
-"""Transfer syntaxes as DICOM defines them and as the node uses them: names, families, which
-are lossless, the Lossy Image Compression Method of each, what the node can receive and encode.
-Pure facts, imported by configuration and every stage alike."""
+"""Transfer syntaxes as DICOM defines them and as the node uses them: names, the JPEG 2000
+family, which are lossless, the Lossy Image Compression Method of each, which a rule may target.
+Pure facts, imported by configuration and every stage alike (what this installation can decode
+and encode, the codecs tell: node/transcode/codecs)."""
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from pydicom import uid as _uid
@@ -13,7 +13,9 @@ from pydicom.uid import (
     UID_dictionary,
 )
 
-# What a rule may name as its target, in the order the README documents them.
+# What a rule may name as its target, in the order the README documents them: configuration
+# checks targets against it. The codecs that encode them are node/transcode/codecs;
+# tests/transcode/test_codecs.py asserts that registry encodes exactly these.
 ENCODABLE: tuple[UID, ...] = (
     _uid.ExplicitVRLittleEndian,
     _uid.RLELossless,
@@ -26,12 +28,11 @@ ENCODABLE: tuple[UID, ...] = (
     _uid.HTJ2K,
 )
 
-# JPEG 2000 family: `mct` applies; HTJ2K is encoded by OpenJPH (imagecodecs), not pydicom.
+# The JPEG 2000 family, HTJ2K among it: where a rule's `mct` applies (the codecs with
+# colour_transform, as tests/transcode/test_codecs.py asserts).
 J2K_FAMILY: frozenset[UID] = frozenset(
     {_uid.JPEG2000Lossless, _uid.JPEG2000, _uid.HTJ2KLossless, _uid.HTJ2KLosslessRPCL, _uid.HTJ2K}
 )
-HTJ2K_FAMILY: frozenset[UID] = frozenset({_uid.HTJ2KLossless, _uid.HTJ2KLosslessRPCL, _uid.HTJ2K})
-JPEG_LS_FAMILY: frozenset[UID] = frozenset({_uid.JPEGLSLossless, _uid.JPEGLSNearLossless})
 
 # Lossless by construction. JPEG-LS near-lossless with jls_error 0 is also lossless, but the
 # syntax itself says "may be lossy", so it is treated as lossy bookkeeping-wise only when error > 0.
@@ -62,45 +63,6 @@ LOSSY_METHOD: dict[UID, str] = {
 
 # Syntaxes whose pixel data is lossy whatever the parameters were.
 ALWAYS_LOSSY: frozenset[UID] = frozenset({_uid.JPEGBaseline8Bit, _uid.JPEGExtended12Bit})
-
-# What the Storage SCP accepts, in the order it prefers them: the acceptor picks from its own
-# list, so compressed syntaxes come first and a sender is never asked to decompress.
-_RECEIVABLE_CANDIDATES: tuple[UID, ...] = (
-    _uid.JPEGLSLossless,
-    _uid.JPEG2000Lossless,
-    _uid.HTJ2KLossless,
-    _uid.HTJ2KLosslessRPCL,
-    _uid.RLELossless,
-    _uid.JPEGLosslessSV1,
-    _uid.JPEGLossless,
-    _uid.JPEGLSNearLossless,
-    _uid.JPEG2000,
-    _uid.HTJ2K,
-    _uid.JPEGBaseline8Bit,
-    _uid.JPEGExtended12Bit,
-    _uid.ExplicitVRLittleEndian,
-    _uid.ImplicitVRLittleEndian,
-    _uid.ExplicitVRBigEndian,
-    _uid.DeflatedExplicitVRLittleEndian,
-)
-
-
-@functools.cache
-def receivable_syntaxes() -> tuple[UID, ...]:
-    """Transfer syntaxes this installation can decode, compressed ones first."""
-    from pydicom.pixels import get_decoder
-
-    result = []
-    for ts in _RECEIVABLE_CANDIDATES:
-        if not ts.is_compressed:
-            result.append(ts)
-            continue
-        try:
-            if get_decoder(ts).is_available:
-                result.append(ts)
-        except NotImplementedError:
-            pass
-    return tuple(result)
 
 
 def syntax_name(ts: str | None) -> str:

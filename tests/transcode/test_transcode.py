@@ -29,7 +29,7 @@ def raw(ds: Dataset) -> np.ndarray:
     return pixel_array(ds, raw=True)
 
 
-# FIELD-NOTES section 1 (pydicom's encoding guides): encapsulated Pixel Data sizes.
+# The encapsulated Pixel Data sizes pydicom's encoding guides print for these images.
 REFERENCE_SIZES = [
     ("CT_small.dcm", spec(uid.JPEGLSLossless), 14180),
     ("CT_small.dcm", spec(uid.JPEGLSNearLossless, jls_error=3), 8508),
@@ -414,7 +414,7 @@ def coded(kind: str, name: str = "CT_small.dcm") -> Dataset:
 
     ds = dcmread(data_file(name))
     pixels = raw(ds)
-    if kind == "jls":  # signed data: arr= checks the range (FIELD-NOTES 6)
+    if kind == "jls":  # signed data: arr= checks the range
         ds.compress(uid.JPEGLSNearLossless, arr=pixels, jls_error=2, generate_instance_uid=False)
     elif kind == "jls-near0":
         ds.compress(uid.JPEGLSNearLossless, arr=pixels, jls_error=0, generate_instance_uid=False)
