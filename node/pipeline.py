@@ -30,7 +30,7 @@ log = logging.getLogger("dicom_node.pipeline")
 
 COMMIT_BATCH = 64  # processed instances made durable and queued together, at most
 RETRY_DELAY = 5.0  # seconds before an entry whose processing failed unexpectedly is retried
-# Recycle workers: pylibjpeg-openjpeg leaks ~450 bytes per encoded frame (FIELD-NOTES 3), so
+# Recycle workers: pylibjpeg-openjpeg leaks ~450 bytes per encoded frame, so
 # 1000 single-frame instances leak under 0.5 MB. A new worker costs ~0.5 s of CPU (imports):
 # every 200 tasks that was a fifth of an HTJ2K worker's time under a steady stream.
 TASKS_PER_WORKER = 1000

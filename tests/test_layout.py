@@ -84,3 +84,19 @@ def test_each_stage_package_says_what_it_does_and_hands_on():
     for init in PACKAGE.glob("*/__init__.py"):
         doc = ast.get_docstring(ast.parse(init.read_text()))
         assert doc and len(doc.splitlines()) >= 2, f"{init} needs a two-line docstring"
+
+
+def readme_layout() -> str:
+    text = (REPO / "README.md").read_text()
+    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+    return block.split("\ntools/", 1)[0]  # the node/ part of the tree
+
+
+def test_the_readme_tree_names_every_module_and_no_other():
+    import re
+
+    listed = set(re.findall(r"\b([a-z_0-9]+\.py)\b", readme_layout())) - {"__init__.py"}
+    actual = {p.name for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"}
+    assert listed == actual, f"missing: {sorted(actual - listed)}; gone: {sorted(listed - actual)}"
+    packages = set(re.findall(r"\b([a-z_]+)/", readme_layout()))
+    assert packages == {p.parent.name for p in PACKAGE.rglob("__init__.py")}

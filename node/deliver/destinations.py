@@ -16,6 +16,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from node.config import DicomDestination, FolderDestination
 from node.spool import fsync_directory, link_into, write_durably
+from node.vocabulary.status import STORED, is_out_of_resources, is_storage_warning
 from node.vocabulary.syntaxes import syntax_name
 
 log = logging.getLogger("dicom_node.deliver")
@@ -23,8 +24,8 @@ _UNCOMPRESSED = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
 
 _MAX_COMPONENT = 64
 _UNSAFE = re.compile(r"[^A-Za-z0-9._^=+-]")
-# DIMSE statuses that mean the peer has the instance (PS3.7 Annex C: 0x0000, 0x0001, 0xBxxx).
-_DELIVERED = (0x0000, 0x0001, 0x0107, 0x0116)
+# DIMSE statuses that mean the peer has the instance (PS3.7 Annex C), with is_storage_warning.
+_DELIVERED = STORED
 
 
 class DeliveryError(Exception):
@@ -97,12 +98,12 @@ class PeerSession:
     MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1-255
 
     def __init__(self, dest: DicomDestination):
-        from pynetdicom import _config
+        from node import pynetdicom_patches
 
-        # send_c_store(path) then streams the file's encoded dataset in PDU-sized chunks
-        # instead of decoding it whole: it needs a context in the file's exact syntax,
-        # which is what _store picks.
-        _config.STORE_SEND_CHUNKED_DATASET = True
+        # with them, send_c_store(path) streams the file's encoded dataset in PDU-sized
+        # chunks instead of decoding it whole: it needs a context in the file's exact syntax,
+        # which is what _store picks. The service installed them already; tests may not have.
+        pynetdicom_patches.install()
         self.dest = dest
         self.assoc = None
         self.sent = 0
@@ -223,17 +224,19 @@ def _check_status(name: str, status: Dataset) -> int:
     code = int(status.Status) if "Status" in status else None
     if code is None:
         raise DeliveryError(f"{name}: no C-STORE response (association aborted or timed out)")
-    if code in _DELIVERED or code >> 12 == 0xB:
+    if code in _DELIVERED or is_storage_warning(code):
         return code
     comment = status.get("ErrorComment", "")
     raise DeliveryError(
         f"{name} answered status 0x{code:04X} {comment}".strip(),
-        retryable=(code >> 8) == 0xA7,  # out of resources: try again later
+        retryable=is_out_of_resources(code),  # try again later
     )
 
 
 def set_nodelay(assoc) -> None:
     """pynetdicom never sets TCP_NODELAY; without it small PDUs wait on delayed ACKs."""
-    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    from node.pynetdicom_patches import tcp_socket
+
+    sock = tcp_socket(assoc)
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

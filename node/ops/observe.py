@@ -14,7 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from pynetdicom import _config as _pynetdicom_config
+
+from node.pynetdicom_patches import use_standard_log_handlers
 
 log = logging.getLogger("dicom_node.observe")
 
@@ -161,5 +162,5 @@ def configure_logging(verbose: bool, log_format: str = "text") -> None:
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
     # pynetdicom's standard handlers format a description of every PDU and DIMSE message
     # whether or not the logger shows it: ~15% of the receiving CPU per instance.
-    _pynetdicom_config.LOG_HANDLER_LEVEL = "standard" if verbose else "none"
+    use_standard_log_handlers(verbose)
     logging.getLogger("pydicom").setLevel(logging.DEBUG if verbose else logging.ERROR)

@@ -16,6 +16,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from node import pynetdicom_patches
 from node.config import Config, ConfigError, load_config
 from node.ops import observe as metrics
 from node.ops.observe import REGISTRY, ObservabilityServer, QueueCollector, spool_write_problem
@@ -72,6 +73,7 @@ def _watchdog_interval() -> float | None:
 
 class Service:
     def __init__(self, config: Config, config_path: str | None):
+        pynetdicom_patches.install()  # every patch to pynetdicom, once, before any association
         self.config = config
         self.config_path = config_path
         node = config.node

@@ -16,7 +16,8 @@ file behind). What breaks the upper layer protocol (a dataset fragment without i
 a command set that cannot be read, an unknown command, a context that was not accepted)
 aborts the association; some of it ended pynetdicom's socket thread with an exception.
 Everything else stays pynetdicom's: negotiation, release, abort, timers, C-ECHO and any other
-message. Only whole messages change hands.
+message. Only whole messages change hands. node/pynetdicom_patches.py puts this module's reader
+in place of pynetdicom's on established associations the node accepts.
 """
 
 from __future__ import annotations
@@ -31,13 +32,24 @@ from pathlib import Path
 from typing import Protocol
 
 from pynetdicom import AE
-from pynetdicom.dimse_messages import _MESSAGE_TYPES
-from pynetdicom.dul import DULServiceProvider
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
+from node.pynetdicom_patches import (
+    PduConnection,
+    accepted_transfer_syntax,
+    association_request,
+    known_command_field,
+    read_pdus_with,
+)
 from node.receive.received_file import even_length, file_meta, plain_uids
 from node.spool import SYNC_EVERY
+from node.vocabulary.status import (
+    CANNOT_UNDERSTAND,
+    OUT_OF_RESOURCES,
+    PROCESSING_FAILURE,
+    SOP_CLASS_NOT_SUPPORTED,
+)
 
 log = logging.getLogger("dicom_node.receive")
 
@@ -46,12 +58,6 @@ _C_STORE_RQ = 0x0001
 _C_STORE_RSP = 0x8001
 _NO_DATASET = 0x0101
 _COMMAND, _LAST = 0x01, 0x02  # PDV message control header bits (PS3.8 E.2)
-_PROCESSING_FAILURE = 0x0110
-_SOP_CLASS_NOT_SUPPORTED = 0x0122
-_CANNOT_UNDERSTAND = 0xC000
-OUT_OF_RESOURCES = 0xA700  # the sender may retry later
-
-_original_read_pdu_data = DULServiceProvider._read_pdu_data
 
 
 class Storer(Protocol):
@@ -69,9 +75,8 @@ class Storer(Protocol):
 
 def serve_c_store_requests(ae: AE, storer: Storer, folder: Path) -> None:
     """C-STORE requests on associations `ae` accepts are served here: received into files in
-    `folder` (the spool's tmp/), stored by `storer`."""
-    ae._node_storer = (storer, folder)  # type: ignore[attr-defined]
-    DULServiceProvider._read_pdu_data = _read_pdu_data  # type: ignore[method-assign]
+    `folder` (the spool's tmp/), stored by `storer`. Needs pynetdicom_patches.install()."""
+    read_pdus_with(ae, lambda connection: _StoreStream(connection, storer, folder).serve_next_pdu)
 
 
 class StoreRequest:
@@ -111,83 +116,6 @@ def command_pdus(context_id: int, command: bytes, max_pdu_length: int) -> bytes:
                      + command[at : at + size])])
         for at in range(0, len(command), size)
     )  # fmt: skip
-
-
-def _read_pdu_data(self: DULServiceProvider) -> None:
-    stream = _stream(self)
-    if stream is None:
-        _original_read_pdu_data(self)
-        return
-    pdu = _read_pdu(self)
-    if pdu is None:  # the connection closed or the PDU was unreadable: an event is queued
-        stream.discard()
-        return
-    head, body = pdu
-    if head[0] != _P_DATA_TF:  # release, abort: pynetdicom's; a message cut short is void
-        stream.discard()
-        _to_pynetdicom(self, head + body)
-        return
-    try:
-        theirs = stream.feed(memoryview(body))
-    except ValueError as exc:  # not P-DATA as PS3.8 defines it: pynetdicom aborts
-        log.error("invalid P-DATA from %s: %s", self.assoc.requestor.ae_title, exc)
-        stream.discard()
-        self.event_queue.put("Evt19")
-        return
-    if theirs:
-        _to_pynetdicom(self, _p_data_tf(theirs))
-
-
-def _stream(provider: DULServiceProvider) -> _StoreStream | None:
-    """The association's stream when this module serves its C-STOREs right now, else None."""
-    if provider.state_machine.current_state != "Sta6":  # established; pynetdicom otherwise
-        return None
-    stream = provider.__dict__.get("_node_store_stream")
-    if stream is None:
-        assoc = provider.assoc
-        served = getattr(assoc.ae, "_node_storer", None)
-        if served is None or not assoc.is_acceptor:
-            return None
-        stream = _StoreStream(provider, *served)
-        provider._node_store_stream = stream  # type: ignore[attr-defined]
-    return stream
-
-
-def _read_pdu(provider: DULServiceProvider) -> tuple[bytes, bytearray] | None:
-    """A whole PDU from the socket, as pynetdicom's _read_pdu_data reads it (with the same
-    events when it cannot: Evt17 closed, Evt19 unknown type); None after such an event."""
-    sock = provider.socket
-    try:
-        head = bytes(sock.recv(6))  # type: ignore[union-attr]
-        if len(head) < 6:
-            provider.event_queue.put("Evt17")
-            return None
-        pdu_type, _, length = struct.unpack(">BBL", head)
-        if not 0x01 <= pdu_type <= 0x07:
-            log.error("unknown PDU type 0x%02X from %s", pdu_type, provider.assoc.requestor.address)
-            provider.event_queue.put("Evt19")
-            return None
-        body = sock.recv(length)  # type: ignore[union-attr]
-    except (OSError, TimeoutError):
-        provider.event_queue.put("Evt17")
-        return None
-    if len(body) != length:
-        log.error("connection closed inside a PDU (%d of %d bytes)", len(body), length)
-        provider.event_queue.put("Evt17")
-        return None
-    return head, body
-
-
-def _to_pynetdicom(provider: DULServiceProvider, pdu: bytes) -> None:
-    """The tail of pynetdicom's _read_pdu_data: decode, queue the event and the PDU."""
-    try:
-        decoded, event = provider._decode_pdu(bytearray(pdu))
-    except Exception as exc:
-        log.error("cannot decode a PDU: %s", exc)
-        provider.event_queue.put("Evt19")
-        return
-    provider.event_queue.put(event)
-    provider._recv_pdu.put(decoded)
 
 
 class _PartialFile:
@@ -252,17 +180,17 @@ class _StoreStream:
     """One accepted association's P-DATA, message by message: C-STORE requests are served
     here, other messages are returned to be passed to pynetdicom."""
 
-    def __init__(self, provider: DULServiceProvider, storer: Storer, folder: Path):
-        self._provider = provider
+    def __init__(self, connection: PduConnection, storer: Storer, folder: Path):
+        self._connection = connection
         self._storer = storer
         self._folder = folder
-        requestor = provider.assoc.requestor
-        self._calling = requestor.ae_title.strip()
+        assoc = connection.assoc
+        self._calling = assoc.requestor.ae_title.strip()
         # the node's title, the calling one, and the one the sender called (rules may route
         # on it): the same for every instance of the association
         self._titles = (
-            str(provider.assoc.ae.ae_title), self._calling,
-            requestor.primitive.called_ae_title.strip(),
+            str(assoc.ae.ae_title), self._calling,
+            association_request(assoc).called_ae_title.strip(),  # type: ignore[union-attr]
         )  # fmt: skip
         self._held: list[tuple[int, bytes]] = []  # the command's PDVs (control byte first)
         self._request: StoreRequest | None = None
@@ -270,6 +198,28 @@ class _StoreStream:
         self._file: _PartialFile | None = None
         self._passing = False  # the dataset of a message pynetdicom serves
         self._finalizer: weakref.finalize | None = None
+
+    def serve_next_pdu(self) -> None:
+        """Read the association's next PDU: serve the C-STOREs it carries, pass the rest on."""
+        connection = self._connection
+        pdu = connection.read_pdu()
+        if pdu is None:  # the connection closed or the PDU was unreadable: an event is queued
+            self.discard()
+            return
+        head, body = pdu
+        if head[0] != _P_DATA_TF:  # release, abort: pynetdicom's; a message cut short is void
+            self.discard()
+            connection.to_pynetdicom(head + body)
+            return
+        try:
+            theirs = self.feed(memoryview(body))
+        except ValueError as exc:  # not P-DATA as PS3.8 defines it: pynetdicom aborts
+            log.error("invalid P-DATA from %s: %s", connection.assoc.requestor.ae_title, exc)
+            self.discard()
+            connection.invalid_pdu()
+            return
+        if theirs:
+            connection.to_pynetdicom(_p_data_tf(theirs))
 
     def feed(self, body: memoryview) -> list[tuple[int, bytes]]:
         """Serve what this P-DATA-TF PDU's body carries; the PDVs (context ID, control byte
@@ -307,7 +257,7 @@ class _StoreStream:
             request = StoreRequest(context_id, command)
         except struct.error as exc:
             raise ValueError(f"a command set that cannot be read: {exc}") from None
-        if request.command_field not in _MESSAGE_TYPES:
+        if not known_command_field(request.command_field):
             raise ValueError(f"a command set with CommandField {request.command_field}")
         if request.command_field != _C_STORE_RQ:
             theirs.extend(held)  # pynetdicom's message, to its end
@@ -324,7 +274,7 @@ class _StoreStream:
                 self._refusal = OUT_OF_RESOURCES, f"cannot create its file: {exc}"
                 return
             self._file = partial
-            self._finalizer = weakref.finalize(self._provider, partial.discard)
+            self._finalizer = self._connection.when_gone(partial.discard)
         elif not request.has_dataset:
             self._complete()
 
@@ -333,25 +283,26 @@ class _StoreStream:
         keeping none of it), or None. pynetdicom aborted the association for the malformed
         ones, and left the dataset's file in tmp/ until a restart; a status tells the sender
         why. A spool without room is one too: none of the dataset reaches the disk."""
-        if request.context_id not in self._provider.assoc._accepted_cx or None in (
+        assoc = self._connection.assoc
+        if accepted_transfer_syntax(assoc, request.context_id) is None or None in (
             request.message_id,
             request.sop_class,
             request.sop_instance,
         ):  # nothing to answer it on, or with
             raise ValueError("a C-STORE-RQ without an accepted context or its required elements")
         if not request.has_dataset:
-            return _CANNOT_UNDERSTAND, "a C-STORE-RQ without a dataset"
+            return CANNOT_UNDERSTAND, "a C-STORE-RQ without a dataset"
         if not plain_uids(request.sop_class, request.sop_instance):  # type: ignore[arg-type]
-            return _CANNOT_UNDERSTAND, "its SOP Class or Instance UID is not a valid UID"
+            return CANNOT_UNDERSTAND, "its SOP Class or Instance UID is not a valid UID"
         service = uid_to_service_class(request.sop_class)  # type: ignore[arg-type]
         if not issubclass(service, StorageServiceClass):
-            return _SOP_CLASS_NOT_SUPPORTED, f"SOP class {request.sop_class} is not a storage class"
+            return SOP_CLASS_NOT_SUPPORTED, f"SOP class {request.sop_class} is not a storage class"
         problem = self._storer.room_problem()
         return (OUT_OF_RESOURCES, problem) if problem else None
 
     def _file_header(self, request: StoreRequest) -> bytes:
         """The received file's Part 10 header: the spool's, with the AE titles."""
-        transfer_syntax = self._provider.assoc._accepted_cx[request.context_id].transfer_syntax[0]
+        transfer_syntax = accepted_transfer_syntax(self._connection.assoc, request.context_id)
         meta = file_meta(request.sop_class, request.sop_instance, transfer_syntax, self._titles)  # type: ignore[arg-type]
         return b"\0" * 128 + b"DICM" + meta
 
@@ -373,8 +324,8 @@ class _StoreStream:
         if partial is not None:
             partial.discard()  # gone already when it was stored (renamed into the spool)
         log.debug("C-STORE %s from %s: 0x%04X", request.sop_instance, self._calling, status)
-        max_length = self._provider.assoc.requestor.maximum_length
-        self._provider.socket.send(  # type: ignore[union-attr]
+        max_length = self._connection.assoc.requestor.maximum_length
+        self._connection.send(
             command_pdus(request.context_id, request.response(status), max_length)
         )
 
@@ -383,7 +334,7 @@ class _StoreStream:
             return self._storer.store_received(partial.path, partial.dataset_size, self._calling)
         except Exception:  # a defect, not the sender's: say so, keep serving
             log.exception("storing a C-STORE from %s failed", self._calling)
-            return _PROCESSING_FAILURE
+            return PROCESSING_FAILURE
 
     def discard(self) -> None:
         """The message being received will not complete (abort, closed connection)."""

@@ -1,46 +1,13 @@
-"""The bytes of a received C-STORE: how its PDUs are read (pynetdicom's reads, made large) and
-the spool's File Meta Information that goes in front of its dataset (node/receive/c_store.py writes
-both into the received file). The same File Meta encoder writes the spliced outputs' group
-(node/transcode/output_file.py).
+"""The head of a received C-STORE's file: the spool's File Meta Information that goes in front of
+its dataset (node/receive/c_store.py writes it, then the dataset's fragments as they arrive). The
+same File Meta encoder writes the spliced outputs' group (node/transcode/output_file.py).
 """
 
 from __future__ import annotations
 
-import socket
 import struct
-from typing import cast
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
-from pynetdicom.transport import AssociationSocket
-
-LARGEST_READ = 1 << 20  # a PDU's first buffer; it doubles as bytes arrive, never ahead of them
-
-
-def read_pdus_in_large_reads() -> None:
-    """pynetdicom reads a PDU 4 KiB per recv(): 128 system calls for a 512 KiB CT slice, each
-    giving up and taking back the GIL that every other thread of the node wants. Read what the
-    socket has instead, straight into the PDU's buffer (recv_into: the kernel's copy is the only
-    one; recv() and += copied every byte twice more). Same result, same errors: the bytes read,
-    fewer on a closed connection. The buffer grows as bytes arrive, so a lying PDU length
-    costs no memory until its bytes do.
-    """
-
-    def recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
-        sock = cast(socket.socket, self.socket)
-        buffer = bytearray(min(nr_bytes, LARGEST_READ))
-        got = 0
-        while got < nr_bytes:
-            if got == len(buffer):  # a PDU above LARGEST_READ: room for what may come next
-                buffer.extend(bytes(min(nr_bytes - got, got)))
-            with memoryview(buffer) as view:
-                count = sock.recv_into(view[got:])
-            if not count:
-                del buffer[got:]
-                break
-            got += count
-        return buffer
-
-    AssociationSocket.recv = recv  # type: ignore[method-assign]
 
 
 def file_meta(

@@ -1,6 +1,7 @@
 """The Storage SCP: pynetdicom's server and the association policy (with c_store.py, the
-only modules that know pynetdicom serves). A C-STORE is written to the spool and fsync'd, and
-only then answered Success; nothing here decodes pixels.
+only modules that know pynetdicom serves; what they use of pynetdicom's internals is in
+node/pynetdicom_patches.py). A C-STORE is written to the spool and fsync'd, and only then
+answered Success; nothing here decodes pixels.
 
 pynetdicom negotiates, releases and answers C-ECHO; C-STORE requests never reach its DIMSE
 layer (c_store.py serves them in the socket's thread). Were one to, pynetdicom's default
@@ -21,19 +22,25 @@ from pynetdicom import AE, evt
 from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import Verification, register_uid, uid_to_service_class
 
+from node import pynetdicom_patches
 from node.config import Config
 from node.deliver.destinations import set_nodelay
 from node.ops import observe as metrics
-from node.receive import c_store, received_file
-from node.receive import wakeups as reactor_wakeups
+from node.pynetdicom_patches import (
+    association_request,
+    awaiting_local_response,
+    close_connection,
+    end_acse_wait,
+    send_reject,
+)
+from node.receive import c_store
 from node.receive.connection_slots import ConnectionSlots
 from node.spool import Spool, SpoolEntry
 from node.tls import server_context
-from node.vocabulary.syntaxes import receivable_syntaxes
+from node.transcode.codecs import receivable_syntaxes
+from node.vocabulary.status import OUT_OF_RESOURCES, SUCCESS
 
 log = logging.getLogger("dicom_node.receive")
-
-STATUS_SUCCESS = 0x0000
 
 
 def storage_sop_classes() -> list[str]:
@@ -58,9 +65,9 @@ def _reject(assoc, result: int, source: int, reason: int) -> None:
     """A-ASSOCIATE-RJ from an EVT_REQUESTED handler. pynetdicom queues the PDU for its DUL
     thread and closes the socket as soon as the handler returns; wait (briefly) until the PDU
     has left (the state machine leaves Sta3), so the peer reads the reason, not a reset."""
-    assoc.acse.send_reject(result, source, reason)
+    send_reject(assoc, result, source, reason)
     deadline = time.monotonic() + 2.0
-    while assoc.dul.state_machine.current_state == "Sta3" and time.monotonic() < deadline:
+    while awaiting_local_response(assoc) and time.monotonic() < deadline:
         time.sleep(0.001)
 
 
@@ -92,8 +99,8 @@ class StorageSCP:
         # Workers (other processes) keep the default.
         pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
         pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
-        received_file.read_pdus_in_large_reads()
-        reactor_wakeups.wake_reactors_on_work()
+        # the service installed them already; tests and benchmarks build a StorageSCP alone
+        pynetdicom_patches.install()
         c_store.serve_c_store_requests(ae, self, spool.tmp)
         syntaxes = list(receivable_syntaxes())
         for uid in storage_sop_classes():
@@ -111,7 +118,7 @@ class StorageSCP:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_CONN_OPEN, self._on_connection),
             (evt.EVT_CONN_CLOSE, self._on_connection_closed),
-            (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
+            (evt.EVT_C_ECHO, lambda event: SUCCESS),
         ]
         context = server_context(node.tls) if node.tls is not None else None
         self._server = self.ae.start_server(
@@ -157,7 +164,7 @@ class StorageSCP:
         if refusal is not None:
             log.warning("closed a connection from %s: %s", address, refusal.why)
             metrics.REJECTED_ASSOCIATIONS.labels(refusal.limit).inc()
-            event.assoc.dul.socket.close()  # no A-ABORT yet: nothing was negotiated (Sta2)
+            close_connection(event.assoc)  # no A-ABORT yet: nothing was negotiated (Sta2)
             return
         set_nodelay(event.assoc)
 
@@ -167,8 +174,8 @@ class StorageSCP:
         for one until association_timeout; a None ends that wait as the timeout does."""
         assoc = event.assoc
         self.connections.release(assoc)
-        if assoc.is_acceptor and assoc.requestor.primitive is None:
-            assoc.dul.to_user_queue.put(None)
+        if assoc.is_acceptor and association_request(assoc) is None:
+            end_acse_wait(assoc)
 
     def _on_requested(self, event) -> None:
         """Access control, before anything is accepted: network, calling and called AE title.
@@ -178,7 +185,7 @@ class StorageSCP:
         calling AE title (it can do nothing but C-ECHO)."""
         config = self.config
         accept = config.accept
-        primitive = event.assoc.requestor.primitive
+        primitive = association_request(event.assoc)
         calling = primitive.calling_ae_title.strip()
         called = primitive.called_ae_title.strip()
         address = event.assoc.requestor.address
@@ -220,7 +227,7 @@ class StorageSCP:
         metrics.RECEIVED.labels(calling).inc()
         metrics.BYTES_IN.inc(size)
         self.on_stored(entry)
-        return STATUS_SUCCESS
+        return SUCCESS
 
     @property
     def max_instance_size(self) -> int:
@@ -232,7 +239,7 @@ class StorageSCP:
         return self.spool.room_problem()
 
     @staticmethod
-    def refuse(calling: str, why: str, status: int = c_store.OUT_OF_RESOURCES) -> int:
+    def refuse(calling: str, why: str, status: int = OUT_OF_RESOURCES) -> int:
         """A failure status, logged and counted; by default 0xA700 Out of Resources (the
         sender may try again later)."""
         log.error("refused an instance from %s with 0x%04X: %s", calling, status, why)

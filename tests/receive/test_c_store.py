@@ -19,12 +19,10 @@ from hypothesis import strategies as st
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE, association, dimse_messages, dul, evt
+from pynetdicom import AE, dimse_messages, evt
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import P_DATA_TF
-from pynetdicom.transport import AssociationSocket
 
 from node.config import parse_config
 from node.receive import c_store
@@ -36,18 +34,15 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 
 
 @pytest.fixture
-def scp(tmp_path: Path, monkeypatch):
-    """The node's Storage SCP on a free port; pynetdicom as it was afterwards (StorageSCP
-    changes it for the whole process, and other tests run pynetdicom peers here)."""
+def scp(tmp_path: Path, monkeypatch, pynetdicom_patched):
+    """The node's Storage SCP on a free port; pynetdicom and pydicom as they were afterwards
+    (StorageSCP changes them for the whole process, and other tests run pynetdicom peers here)."""
     from pydicom import config as pydicom_config
 
     for owner, name in [
-        (AssociationSocket, "recv"),
-        (DULServiceProvider, "send_pdu"), (DULServiceProvider, "_read_pdu_data"),
-        (association, "time"), (dul, "time"),
         (pydicom_config.settings, "reading_validation_mode"),
         (pydicom_config.settings, "writing_validation_mode"),
-    ]:  # fmt: skip
+    ]:
         monkeypatch.setattr(owner, name, getattr(owner, name))
     port = free_port()
     config = parse_config(

@@ -13,13 +13,14 @@ from node.receive import received_file
 
 
 def _socket_pair() -> tuple[AssociationSocket, socket.socket]:
-    received_file.read_pdus_in_large_reads()
+    """An AssociationSocket whose reads are the node's (the tests use pynetdicom_patched)."""
     ours, theirs = socket.socketpair()
     wrapped = AssociationSocket.__new__(AssociationSocket)
     wrapped.socket = ours
     return wrapped, theirs
 
 
+@pytest.mark.usefixtures("pynetdicom_patched")
 @pytest.mark.parametrize("size", [1 << 20, (3 << 20) + 1])  # one read's worth; the buffer grows
 def test_a_pdu_sent_in_many_pieces_is_read_whole_and_exactly(size):
     wrapped, peer = _socket_pair()
@@ -39,6 +40,7 @@ def test_a_pdu_sent_in_many_pieces_is_read_whole_and_exactly(size):
     peer.close()
 
 
+@pytest.mark.usefixtures("pynetdicom_patched")
 def test_a_connection_closed_mid_pdu_returns_what_arrived():
     wrapped, peer = _socket_pair()
     peer.sendall(b"x" * 5000)

@@ -53,7 +53,7 @@ def config_by_called_aet(targets: dict[str, str]) -> str:
     )
 
 
-# FIELD-NOTES section 1: encapsulated Pixel Data bytes, here produced over the network.
+# The encapsulated Pixel Data sizes of pydicom's encoding guides, here produced over the network.
 REFERENCE = {
     "CT_small.dcm": {
         "CT-JLS": ("{syntax: JPEGLSLossless}", 14180),

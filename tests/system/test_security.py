@@ -133,7 +133,7 @@ def test_silent_sockets_neither_starve_real_senders_nor_stay_open(node_factory):
 
 
 def test_an_established_association_that_goes_silent_is_ended_after_idle_timeout(node_factory):
-    """The node's reactors wait for work instead of polling (node/receive/wakeups.py); they
+    """The node's reactors wait for work instead of polling (node/pynetdicom_patches.py); they
     must still notice pynetdicom's idle timer on an association where nothing happens."""
     node = limited_node(node_factory, "{idle_timeout: 1}")
     assoc = associate(node.port, "CT1", "DICOM-NODE")
