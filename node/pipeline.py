@@ -20,7 +20,14 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from node.config import Config
-from node.deliver.queue import QUEUE_FILE, DeliveryQueue, FinishedEntry, NewDelivery
+from node.deliver.queue import (
+    QUEUE_FILE,
+    DeliveryQueue,
+    FinishedEntry,
+    NewDelivery,
+    NewEntry,
+    NewOutput,
+)
 from node.deliver.worker import DestinationWorker
 from node.ops import observe as metrics
 from node.spool import Spool, SpoolEntry
@@ -36,6 +43,9 @@ RETRY_DELAY = 5.0  # seconds before an entry whose processing failed unexpectedl
 TASKS_PER_WORKER = 1000
 CRASHES_BEFORE_AS_RECEIVED = 2
 FAILURES_BEFORE_QUARANTINE = 3  # unexpected errors (not crashes) on one entry
+# Processing makes one output per entry, numbered 0 in the spool (work/ and out/ names) and in
+# the queue, and sends it to every destination of the rule. The queue takes several.
+OUTPUT = 0
 
 
 WORKER_NICENESS = 5
@@ -226,7 +236,7 @@ class Pipeline:
                 self._finish(entry)
                 continue
             as_received = self._crashes.get(entry.id, 0) >= CRASHES_BEFORE_AS_RECEIVED
-            work = self.spool.work_path(entry, 0)
+            work = self.spool.work_path(entry, OUTPUT)
             executor = self._executor
             try:
                 config = self.config_for(entry)
@@ -354,23 +364,23 @@ class Pipeline:
         if not ready:
             return
         adopted = self.spool.adopt_outputs(
-            [(o.entry, o.output) for o, _ in ready if o.output and o.output != o.entry.path]
-        )
+            [(o.entry, OUTPUT, o.output) for o, _ in ready
+             if o.output and o.output != o.entry.path]
+        )  # fmt: skip
         rows, queued = [], []
         for outcome, config in ready:
             entry = outcome.entry
-            output = adopted.get(entry.id, entry.path)
+            output = adopted.get((entry.id, OUTPUT), entry.path)
             if isinstance(output, OSError):
                 log.error("could not keep the output of %s (%s); will retry", entry.id, output)
                 self._settle(entry, settled, retry=True)
                 continue
-            deliveries = [
-                NewDelivery(name, str(output), outcome.folder_paths.get(name),
-                            outcome.sop_class, outcome.syntax_out)  # fmt: skip
+            outputs = (NewOutput(str(output), outcome.sop_class, outcome.syntax_out),)
+            deliveries = tuple(
+                NewDelivery(name, OUTPUT, outcome.folder_paths.get(name))
                 for name in outcome.send_to
-            ]
-            rows.append((entry.id, str(entry.path), str(output) if output != entry.path else None,
-                         deliveries))  # fmt: skip
+            )
+            rows.append(NewEntry(entry.id, str(entry.path), outputs, deliveries))
             queued.append((outcome, config))
         self.queue.add_all(rows)  # on failure, the caller retries these (not settled yet)
         for outcome, _config in queued:
@@ -389,9 +399,7 @@ class Pipeline:
 
     def _entry_finished(self, finished: list[FinishedEntry]) -> None:
         """Every destination has them (or dead-lettered a copy): delete their spool files."""
-        self.spool.complete_all(
-            [(Path(f.incoming), Path(f.output) if f.output else None) for f in finished]
-        )
+        self.spool.complete_all([(Path(f.incoming), *map(Path, f.outputs)) for f in finished])
         self.queue.forget_all([f.entry for f in finished])
 
     def _retry_later(self, entry: SpoolEntry) -> None:

@@ -8,8 +8,10 @@ Layout under the spool root:
                                  Sending and (0002,0018) Receiving Application Entity Title);
                                  <config> names the configuration it was received under
   configs/<config>.json          those configurations (YAML text, source, base folder)
-  work/<entry>.<n>.dcm           transcoder output being written (discarded on restart)
-  out/<entry>.dcm                transcoded output, fsync'd, waiting in the delivery queue
+  work/<entry>.<n>.dcm           output n of an entry being written (discarded on restart)
+  out/<entry>.<n>.dcm            output n, fsync'd, waiting in the delivery queue (which keeps
+                                 each output's path: one from before outputs were numbered is
+                                 out/<entry>.dcm)
   queue.sqlite3                  the delivery queue (node/deliver/queue.py)
   quarantine/<entry>.dcm         what the node could not route, with <entry>.reason.txt beside it
   dead-letter/<destination>/     what a destination never took, with <entry>.reason.txt
@@ -236,22 +238,29 @@ class Spool:
         return sorted(SpoolEntry(p) for p in self.incoming.glob("*.dcm"))
 
     def work_path(self, entry: SpoolEntry, index: int) -> Path:
+        """Where processing writes output `index` of `entry`."""
         return self.work / f"{entry.id}.{index}.dcm"
 
-    def adopt_outputs(self, outputs: list[tuple[SpoolEntry, Path]]) -> dict[str, Path | OSError]:
-        """Make transcoder outputs durable before the queue refers to them (each file
-        fsync'd, renamed into out/, one fsync of out/ for all): per entry id, the output's
-        durable path, or the error that kept it out."""
-        adopted: dict[str, Path | OSError] = {}
-        for entry, work_file in outputs:
-            target = self.out / f"{entry.id}.dcm"
+    def output_path(self, entry: SpoolEntry, index: int) -> Path:
+        """Where output `index` of `entry` is kept until every destination has it."""
+        return self.out / f"{entry.id}.{index}.dcm"
+
+    def adopt_outputs(
+        self, outputs: list[tuple[SpoolEntry, int, Path]]
+    ) -> dict[tuple[str, int], Path | OSError]:
+        """Make processing outputs (entry, output number, work file) durable before the queue
+        refers to them (each file fsync'd, renamed into out/, one fsync of out/ for all): per
+        (entry id, output number), the output's durable path, or the error that kept it out."""
+        adopted: dict[tuple[str, int], Path | OSError] = {}
+        for entry, index, work_file in outputs:
+            target = self.output_path(entry, index)
             try:
                 size = _fsync_and_rename(work_file, target)
             except OSError as exc:
-                adopted[entry.id] = exc
+                adopted[entry.id, index] = exc
                 continue
             self._account(size)
-            adopted[entry.id] = target
+            adopted[entry.id, index] = target
         if any(isinstance(path, Path) for path in adopted.values()):
             fsync_directory(self.out)
         return adopted
@@ -296,9 +305,10 @@ class Spool:
         self._remove_work(entry)
         return target
 
-    def complete_all(self, finished: list[tuple[Path, Path | None]]) -> None:
+    def complete_all(self, finished: list[tuple[Path | None, ...]]) -> None:
         """Every destination has these instances (or dead-lettered them): forget them, with
-        one fsync of incoming/ for all. `finished`: (incoming file, output file or None)."""
+        one fsync of incoming/ for all. `finished`: (incoming file, its output files...); a
+        None is skipped."""
         for paths in finished:
             for path in paths:
                 if path is None:

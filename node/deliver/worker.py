@@ -2,9 +2,8 @@
 never delays the others. Failures back off exponentially with jitter; what is still not
 delivered after `give_up_after`, or refused `max_failures` times, goes to the dead-letter folder.
 
-A folder destination commits in groups: the files of a batch are placed, each folder is
-fsync'd once, and the queue records them all in one transaction (at most BATCH per commit).
-While instances stream in, it lets them gather for GATHER between rounds.
+How a destination takes a batch is its type's (node/deliver/destinations/): the worker asks the
+registry for a session, hands it what is due, and settles each result the session yields.
 """
 
 from __future__ import annotations
@@ -14,20 +13,19 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
-from node.config import Destination, DicomDestination, RetryPolicy
-from node.deliver.destinations import DeliveryError, PeerSession, deliver_to_folder
+from node.config import Destination, RetryPolicy
+from node.deliver.destinations import Delivered, describe_error, session_for
 from node.deliver.queue import Delivery, DeliveryQueue, FinishedEntry
 from node.ops import observe as metrics
-from node.spool import Spool, fsync_directory
+from node.spool import Spool
 
 log = logging.getLogger("dicom_node.deliver")
 
-BATCH = 32  # deliveries fetched at once; also the look-ahead that shapes a new association
+BATCH = 32  # deliveries handed to a session at once (it may look ahead: dicom.py proposes
+# the batch's SOP classes and syntaxes when it opens an association)
 IDLE_POLL = 1.0  # seconds between queue checks when nothing is due
-GATHER = 0.05  # seconds a folder destination lets work gather after a round that had some:
-# the next round then takes all of it with one fsync per folder and one commit
 
 
 def backoff(policy: RetryPolicy, failures: int) -> float:
@@ -49,7 +47,7 @@ class DestinationWorker:
         self.queue = queue
         self.spool = spool
         self.on_finished = on_finished
-        self.session = PeerSession(dest) if isinstance(dest, DicomDestination) else None
+        self.session = session_for(dest)
         self.failures_in_row = 0  # consecutive transient failures: the destination's health
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -76,8 +74,7 @@ class DestinationWorker:
             except Exception:  # never let a surprise stop this destination for good
                 log.exception("delivery to %s: unexpected error; continuing", self.dest.name)
                 self._stopping.wait(IDLE_POLL)
-        if self.session is not None:
-            self.session.close()
+        self.session.close()
 
     def _round(self) -> None:
         now = time.time()
@@ -85,75 +82,22 @@ class DestinationWorker:
             self._dead_letter(d, f"not delivered within {self.dest.retry.give_up_after:.0f} s")
         batch = self.queue.due(self.dest.name, now, BATCH)
         if not batch:
-            if self.session is not None:
-                self.session.close_if_idle()
+            self.session.close_if_idle()
             upcoming = self.queue.next_attempt(self.dest.name)
             wait = IDLE_POLL if upcoming is None else min(IDLE_POLL, max(0.01, upcoming - now))
             self._wake.wait(wait)
             self._wake.clear()
             return
-        if self.session is None:
-            self._deliver_to_folder(batch)
-            if len(batch) < BATCH:
-                self._stopping.wait(GATHER)
-            return
-        for i, d in enumerate(batch):
-            if self._stopping.is_set() or not self._deliver(d, batch[i + 1 :]):
-                return
-
-    def _deliver(self, d: Delivery, rest: list[Delivery]) -> bool:
-        """Try one delivery; False when the destination is unreachable (stop this batch)."""
-        assert self.session is not None
-        try:
-            upcoming = [(r.sop_class, r.syntax) for r in rest]
-            self.session.send(Path(d.path), d.sop_class, d.syntax, upcoming)
-        except DeliveryError as exc:
-            if exc.retryable:
-                self._transient([d], exc)
-                return False
-            self._refused(d, str(exc))
-            return True
-        except Exception as exc:  # e.g. a file that cannot be read: not transient
-            self._refused(d, f"{type(exc).__name__}: {exc}")
-            return True
-        self._delivered([d])
-        return True
-
-    def _deliver_to_folder(self, batch: list[Delivery]) -> None:
-        """Place every file of `batch`, fsync each folder once, record them in one commit."""
-        placed: list[Delivery] = []
-        folders: set[Path] = set()
-        for d in batch:
-            if self._stopping.is_set():
-                break
-            assert d.relpath is not None
-            try:
-                target = deliver_to_folder(
-                    self.dest, PurePosixPath(d.relpath), Path(d.path), sync_directory=False
-                )
-            except DeliveryError as exc:
-                if exc.retryable:  # e.g. the disk is full: the rest of the batch would fail too
-                    self._commit(placed, folders)
-                    self._transient([d], exc)
-                    return
-                self._refused(d, str(exc))
-                continue
-            except Exception as exc:  # e.g. a file that cannot be read: not transient
-                self._refused(d, f"{type(exc).__name__}: {exc}")
-                continue
-            placed.append(d)
-            folders.add(target.parent)
-        self._commit(placed, folders)
-
-    def _commit(self, placed: list[Delivery], folders: set[Path]) -> None:
-        try:
-            for folder in folders:
-                fsync_directory(folder)
-        except OSError as exc:
-            self._transient(placed, DeliveryError(f"cannot sync {folder}: {exc.strerror or exc}"))
-            return
-        if placed:
-            self._delivered(placed)
+        for result in self.session.deliver(batch, self._stopping.is_set):
+            if isinstance(result, Delivered):
+                self._delivered(list(result.deliveries))
+            elif self.session.transient(result.error):
+                self._transient(list(result.deliveries), result.error)
+            else:
+                for d in result.deliveries:
+                    self._refused(d, describe_error(result.error))
+        if self.session.gather and len(batch) < BATCH:
+            self._stopping.wait(self.session.gather)
 
     def _delivered(self, ds: list[Delivery]) -> None:
         self.failures_in_row = 0
@@ -167,16 +111,16 @@ class DestinationWorker:
         if finished:
             self.on_finished(finished)
 
-    def _transient(self, ds: list[Delivery], exc: DeliveryError) -> None:
+    def _transient(self, ds: list[Delivery], exc: Exception) -> None:
         """The destination cannot take anything now: all of `ds` wait, and so does it."""
         self.failures_in_row += 1
         delay = backoff(self.dest.retry, self.failures_in_row)
+        error = describe_error(exc)
         for d in ds:
-            self.queue.failed(d, str(exc), time.time() + delay, failure=False)
+            self.queue.failed(d, error, time.time() + delay, failure=False)
         metrics.DELIVERY_FAILURES.labels(self.dest.name, "transient").inc(len(ds))
-        log.warning("%s: %s; next try in %.1f s", self.dest.name, exc, delay)
-        if self.session is not None:
-            self.session.close()
+        log.warning("%s: %s; next try in %.1f s", self.dest.name, error, delay)
+        self.session.close()
         self._stopping.wait(delay)  # the whole destination waits, not just this one
 
     def _refused(self, d: Delivery, error: str) -> None:

@@ -23,12 +23,17 @@ def _load_or_report(path: str | None) -> Config | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from node.deliver.queue import QueueVersionError
     from node.ops.service import Service
 
     config = _load_or_report(args.config)
     if config is None:
         return 2
-    return Service(config, args.config).run()
+    try:
+        return Service(config, args.config).run()
+    except QueueVersionError as exc:  # a spool written by a newer dicom-node: touch nothing
+        print(f"{exc}; nothing was started", file=sys.stderr)
+        return 2
 
 
 def _check_config(args: argparse.Namespace) -> int:

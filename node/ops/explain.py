@@ -12,7 +12,7 @@ from pathlib import Path
 from pydicom import dcmread
 
 from node.config import Config, DicomDestination, FolderDestination, RoutingRule
-from node.deliver.destinations import layout_path
+from node.deliver.destinations.folder import layout_path
 from node.route import Arrival, select_rule
 from node.transcode.capability import lossy_history, pixel_facts
 from node.transcode.process import read_arrival

@@ -24,7 +24,7 @@ from pynetdicom.sop_class import Verification, register_uid, uid_to_service_clas
 
 from node import pynetdicom_patches
 from node.config import Config
-from node.deliver.destinations import set_nodelay
+from node.deliver.destinations.dicom import set_nodelay
 from node.ops import observe as metrics
 from node.pynetdicom_patches import (
     association_request,

@@ -17,9 +17,9 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from node.config import Config, FolderDestination
+from node.config import Config
 from node.config.targets import Target, TranscodeSpec
-from node.deliver.destinations import layout_path
+from node.deliver.destinations import relpath_for
 from node.route import Arrival, select_rule
 from node.spool import SpoolEntry
 from node.transcode.output_file import write_output
@@ -41,7 +41,8 @@ class ProcessOutcome:
     entry: SpoolEntry
     rule: str | None
     output: Path | None  # the file to deliver: a work file, or the spool entry itself
-    folder_paths: dict[str, str] = field(default_factory=dict)  # destination -> relative path
+    # destination -> where it puts the output, for the types that lay out files (a folder)
+    folder_paths: dict[str, str] = field(default_factory=dict)
     send_to: tuple[str, ...] = ()
     sop_class: str = ""
     syntax_in: str = ""
@@ -166,9 +167,9 @@ def process_entry(
             os.replace(tmp, work_path)  # not fsync'd: after a crash the entry is processed again
             out_ds, output = result.dataset, work_path
     folder_paths = {
-        name: str(layout_path(dest.layout, out_ds))
+        name: relpath
         for name in rule.send_to
-        if isinstance(dest := config.destinations[name], FolderDestination)
+        if (relpath := relpath_for(config.destinations[name], out_ds)) is not None
     }
     return ProcessOutcome(
         entry=entry,

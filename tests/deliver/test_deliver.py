@@ -8,7 +8,8 @@ import pytest
 from pydicom.dataset import Dataset
 
 from node.config import FolderDestination
-from node.deliver.destinations import DeliveryError, deliver_to_folder, layout_path
+from node.deliver.destinations import DeliveryError
+from node.deliver.destinations.folder import deliver_to_folder, layout_path
 
 LAYOUT = "{PatientID}/{StudyInstanceUID}/{SOPInstanceUID}.dcm"
 

@@ -1,92 +1,40 @@
-"""Delivery: put a processed instance where its rule says — a folder (atomic, fsync'd) or a DICOM
-peer (C-STORE). Raises DeliveryError on failure; the caller keeps the spool entry and retries.
+"""DICOM destinations: C-STOREs to a peer over a reused association, proposing the rule's syntax
+with an uncompressed fallback, and TCP_NODELAY on the node's associations (set_nodelay, which
+the Storage SCP uses too).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import socket
-import string
 import time
-from pathlib import Path, PurePosixPath
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from node.config import DicomDestination, FolderDestination
-from node.spool import fsync_directory, link_into, write_durably
+from node.config import DicomDestination
+from node.deliver.destinations.base import (
+    Delivered,
+    DeliveryError,
+    DestinationSession,
+    DestinationType,
+    Failed,
+    Result,
+)
+from node.deliver.queue import Delivery
 from node.vocabulary.status import STORED, is_out_of_resources, is_storage_warning
 from node.vocabulary.syntaxes import syntax_name
 
 log = logging.getLogger("dicom_node.deliver")
 _UNCOMPRESSED = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
 
-_MAX_COMPONENT = 64
-_UNSAFE = re.compile(r"[^A-Za-z0-9._^=+-]")
 # DIMSE statuses that mean the peer has the instance (PS3.7 Annex C), with is_storage_warning.
 _DELIVERED = STORED
 
 
-class DeliveryError(Exception):
-    """The destination did not take the instance; `retryable` says whether trying later may help."""
-
-    def __init__(self, message: str, retryable: bool = True):
-        super().__init__(message)
-        self.retryable = retryable
-
-
-# --- folder layout -------------------------------------------------------------------------
-
-
-def _safe_component(value: object) -> str:
-    text = str(value).strip() if value not in (None, "") else ""
-    text = _UNSAFE.sub("_", text)[:_MAX_COMPONENT].lstrip(".")
-    return text or "UNKNOWN"
-
-
-def layout_path(layout: str, ds: Dataset) -> PurePosixPath:
-    """The relative file path for `ds`: every dataset value is reduced to a safe single path
-    component (no separators, no leading dots, at most 64 characters), so no value can make
-    the path leave the destination folder."""
-    out = []
-    for literal, name, _spec, _conv in string.Formatter().parse(layout):
-        out.append(literal)
-        if name is not None:
-            out.append(_safe_component(ds.get(name, "")))
-    return PurePosixPath("".join(out))
-
-
-def deliver_to_folder(
-    dest: FolderDestination, relative: PurePosixPath, source: Path, sync_directory: bool = True
-) -> Path:
-    """Put `source` at dest.path/relative atomically (temporary name, rename).
-
-    `source` is durable already (the spool fsyncs everything it hands out), so on the same
-    filesystem it is hard-linked: no copy, no second write of the data. Elsewhere it is
-    copied and fsync'd. The folder is fsync'd unless the caller does that for a group of files
-    (`sync_directory=False`).
-    """
-    root = dest.path.resolve()
-    target = (root / relative).resolve()
-    if not target.is_relative_to(root) or target == root:
-        raise DeliveryError(f"path {relative} leaves {root}; refused", retryable=False)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if link_into(target, source):
-            if sync_directory:
-                fsync_directory(target.parent)
-        else:
-            write_durably(target, target.parent, source=source, sync_directory=sync_directory)
-    except OSError as exc:
-        raise DeliveryError(f"cannot write {target}: {exc.strerror or exc}") from None
-    return target
-
-
-# --- DICOM peer ----------------------------------------------------------------------------
-
-
-class PeerSession:
+class PeerSession(DestinationSession):
     """C-STOREs to one DICOM destination over a reused association.
 
     Per SOP class it proposes the syntax the rule produced and, in a second context, the
@@ -150,6 +98,22 @@ class PeerSession:
             )
         set_nodelay(assoc)
         self.assoc, self._proposed, self.sent = assoc, proposed, 0
+
+    def deliver(self, batch: Sequence[Delivery], stopping: Callable[[], bool]) -> Iterator[Result]:
+        """One C-STORE per delivery, each settled on its own; the rest of the batch shapes a
+        new association (its SOP classes and syntaxes are proposed up front)."""
+        for i, d in enumerate(batch):
+            if stopping():
+                return
+            upcoming = [(r.sop_class, r.syntax) for r in batch[i + 1 :]]
+            try:
+                self.send(Path(d.path), d.sop_class, d.syntax, upcoming)
+            except Exception as exc:  # e.g. a file that cannot be read: not transient
+                yield Failed((d,), exc)
+                if self.transient(exc):  # the peer is unreachable: stop this batch
+                    return
+                continue
+            yield Delivered((d,))
 
     def send(self, path: Path, sop_class: str, syntax: str, upcoming: list[tuple[str, str]]) -> int:
         """C-STORE `path`; `upcoming` (SOP class, syntax) pairs shape a new association."""
@@ -240,3 +204,6 @@ def set_nodelay(assoc) -> None:
     sock = tcp_socket(assoc)
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+TYPE = DestinationType(DicomDestination, PeerSession)
