@@ -102,7 +102,8 @@ def transcode(
             notes.append("ultrasound: JPEG 2000 colour transform applied, the US IOD allows "
                          "only YBR_RCT/YBR_ICT with JPEG 2000 (PS3.3 C.8.5.6.1.2)")  # fmt: skip
         return TranscodeResult(out, "recompressed", target, tuple(notes), ratio, max_error)
-    if facts.syntax == ExplicitVRBigEndian:  # the rule wants little endian, of some kind
+    tried = any(t.syntax == ExplicitVRLittleEndian for t in spec.candidates)
+    if facts.syntax == ExplicitVRBigEndian and not tried:  # the rule wants little endian
         try:
             out = _little_endian_copy(ds, facts)
         except Refused as exc:
@@ -137,9 +138,7 @@ def _encode(
 
     uncompressed = facts.frame_bytes * facts.frames
     ratio = uncompressed / encoded_bytes if encoded_bytes else None
-    out.file_meta.TransferSyntaxUID = target.syntax
-    out.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    out.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+    _stamp_file_meta(out, target.syntax)
     history = capability.lossy_history(ds, facts, pixel_source)
     if history is not None:
         _record_input_step(out, history)
@@ -238,14 +237,19 @@ def _native_pixels(frames: Iterator[np.ndarray], out: Dataset, facts: capability
     return len(data), 0
 
 
+def _stamp_file_meta(out: Dataset, syntax: str) -> None:
+    """The File Meta of an output this node wrote: its syntax and the node as implementation."""
+    out.file_meta.TransferSyntaxUID = syntax
+    out.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    out.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+
+
 def _little_endian_copy(ds: Dataset, facts: capability.PixelFacts) -> Dataset:
     """Big endian made little endian without decoding: each pixel element's value swapped
     by the width its VR gives (OB bytes, bit-packed data among them, stay as they are),
     then verified frame by frame against the input as pydicom decodes both."""
     out = _header_copy(ds)
-    out.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    out.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    out.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+    _stamp_file_meta(out, ExplicitVRLittleEndian)
     if facts.pixel_keyword is None:
         return out
     elem = ds[facts.pixel_keyword]
