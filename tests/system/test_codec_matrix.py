@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -84,18 +85,29 @@ def node_config(n_rounds: int) -> str:
     )
 
 
-def send(port: int, called: str, files: list[Path]) -> None:
-    """pynetdicom SCU, one context per (SOP class, transfer syntax) of the files, sent as-is."""
+def send(node, called: str, files: list[Path]) -> None:
+    """pynetdicom SCU, one context per (SOP class, transfer syntax) of the files, sent as-is.
+    It waits for each response as long as the node itself waits between messages
+    (limits.dimse_timeout, 60 s), not pynetdicom's 30 s: the node fsyncs each instance before
+    it answers, while it writes and fsyncs every target's outputs. Once, in CI, a response did
+    not come within 30 s and nothing said why; a failure now names how long the response
+    took and what the node logged."""
     ae = AE(ae_title="MATRIX")
+    ae.dimse_timeout = 60
     metas = [dcmread(f, stop_before_pixels=True).file_meta for f in files]
     for pair in {(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for m in metas}:
         ae.add_requested_context(pair[0], [pair[1]])
-    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=called)
     assert assoc.is_established, called
     try:
         for f in files:
+            started = time.monotonic()
             status = assoc.send_c_store(f)
-            assert status and status.Status == 0, (called, f.name)
+            if not (status and status.Status == 0):
+                raise AssertionError(
+                    f"{called} {f.name}: status {status.get('Status', 'none')!r} after "
+                    f"{time.monotonic() - started:.1f} s; node log:\n{node.log_text()[-3000:]}"
+                )
     finally:
         assoc.release()
 
@@ -206,7 +218,7 @@ def test_every_cell_of_the_codec_matrix_over_dicom(node_factory, tmp_path):
     node = node_factory(node_config(len(groups)))
     for r, group in enumerate(groups):
         for t in TARGETS:
-            send(node.port, called_aet(r, t), group)
+            send(node, called_aet(r, t), group)
     node.wait_archived(len(files) * len(TARGETS), timeout=600)
     node.wait_spool_empty(timeout=120)
 
