@@ -10,7 +10,14 @@ from typing import Any
 from pydicom import uid as _uid
 from pydicom.uid import UID, UID_dictionary
 
-from node.vocabulary.syntaxes import ENCODABLE, J2K_FAMILY, LOSSLESS, syntax_name
+from node.vocabulary.syntaxes import (
+    ENCODABLE,
+    J2K_FAMILY,
+    JPEGXL,
+    LOSSLESS,
+    JPEGXLLossless,
+    syntax_name,
+)
 
 
 class SyntaxError_(ValueError):
@@ -31,6 +38,10 @@ class Target:
     j2k_psnr: tuple[float, ...] | None = None
     mct: bool | None = None  # None: only where the IOD requires it (ultrasound)
     htj2k_qstep: float | None = None  # HTJ2K (.203) lossy: OpenJPH quantisation step
+    jpeg_quality: int | None = None  # JPEG baseline / extended: libjpeg quality 1-100
+    predictor: int | None = None  # JPEG Lossless (.57): selection value 1-7 (None: 1)
+    jxl_effort: int | None = None  # JPEG XL: encoder effort 1-9 (None: libjxl's 7)
+    jxl_distance: float | None = None  # JPEG XL (.112) lossy: butteraugli distance
 
     @property
     def is_lossy(self) -> bool:
@@ -52,6 +63,14 @@ class Target:
             parts.append(f"j2k_psnr={list(self.j2k_psnr)}")
         if self.htj2k_qstep is not None:
             parts.append(f"htj2k_qstep={self.htj2k_qstep:g}")
+        if self.jpeg_quality is not None:
+            parts.append(f"jpeg_quality={self.jpeg_quality}")
+        if self.predictor is not None:
+            parts.append(f"predictor={self.predictor}")
+        if self.jxl_effort is not None:
+            parts.append(f"jxl_effort={self.jxl_effort}")
+        if self.jxl_distance is not None:
+            parts.append(f"jxl_distance={self.jxl_distance:g}")
         if self.mct is not None:
             parts.append("mct" if self.mct else "no-mct")
         return " ".join(parts)
@@ -75,7 +94,12 @@ class TranscodeSpec:
 LOSSY_GUARDED = ("already-lossy", "mammography", "for-processing")
 
 
-_TARGET_KEYS = {"syntax", "jls_error", "j2k_cr", "j2k_psnr", "mct", "htj2k_qstep"}
+_TARGET_KEYS = {
+    "syntax", "jls_error", "j2k_cr", "j2k_psnr", "mct", "htj2k_qstep", "jpeg_quality",
+    "predictor", "jxl_effort", "jxl_distance",
+}  # fmt: skip
+_JPEG_LOSSY = (_uid.JPEGBaseline8Bit, _uid.JPEGExtended12Bit)
+_JPEG_XL_PIXELS = (JPEGXLLossless, JPEGXL)  # encoded from pixels (not .111)
 
 
 def resolve_syntax(name: Any) -> UID | None:
@@ -199,6 +223,43 @@ def parse_target(raw: Any) -> Target:
             )
         htj2k_qstep = float(htj2k_qstep)
 
+    jpeg_quality = _whole(
+        raw,
+        "jpeg_quality",
+        syntax,
+        _JPEG_LOSSY,
+        1,
+        100,
+        "JPEGBaseline8Bit and JPEGExtended12Bit",
+        "higher keeps more",
+    )
+    if syntax in _JPEG_LOSSY and jpeg_quality is None:
+        raise SyntaxError_(f"{name} needs jpeg_quality (libjpeg's quality, 1-100)")
+    predictor = _whole(raw, "predictor", syntax, (_uid.JPEGLossless,), 1, 7, "JPEGLossless",
+                       "the selection value; JPEGLosslessSV1 is predictor 1")  # fmt: skip
+    jxl_effort = _whole(raw, "jxl_effort", syntax, _JPEG_XL_PIXELS, 1, 9,
+                        "JPEGXLLossless and JPEGXL", "higher is smaller and slower")  # fmt: skip
+    jxl_distance = raw.get("jxl_distance")
+    if jxl_distance is not None:
+        if syntax != JPEGXL:
+            raise SyntaxError_(
+                f"jxl_distance applies to JPEGXL (lossy) only, not {name}", "jxl_distance"
+            )
+        if (
+            isinstance(jxl_distance, bool)
+            or not isinstance(jxl_distance, (int, float))
+            or not 0 < jxl_distance <= 25
+        ):
+            raise SyntaxError_(
+                "jxl_distance: expected a butteraugli distance above 0 and at most 25 (1 is "
+                f"visually lossless; for lossless use JPEGXLLossless), got {jxl_distance!r}",
+                "jxl_distance",
+            )
+        jxl_distance = float(jxl_distance)
+    elif syntax == JPEGXL:
+        raise SyntaxError_("JPEGXL needs jxl_distance (butteraugli distance; 1 is visually "
+                           "lossless, for lossless use JPEGXLLossless)")  # fmt: skip
+
     mct = raw.get("mct")
     if mct is not None and not isinstance(mct, bool):
         raise SyntaxError_(f"mct: expected true or false, got {mct!r}", "mct")
@@ -208,4 +269,22 @@ def parse_target(raw: Any) -> Target:
                 f"mct applies to JPEG 2000 and HTJ2K syntaxes only, not {name}", "mct"
             )
         mct = None  # `mct: false` elsewhere says nothing
-    return Target(syntax, jls_error, j2k_cr, j2k_psnr, mct, htj2k_qstep)
+    return Target(syntax, jls_error, j2k_cr, j2k_psnr, mct, htj2k_qstep, jpeg_quality, predictor,
+                  jxl_effort, jxl_distance)  # fmt: skip
+
+
+def _whole(
+    raw: dict, key: str, syntax: UID | None, applies: tuple[UID, ...], low: int, high: int,
+    where: str, meaning: str,
+) -> int | None:  # fmt: skip
+    """A whole-number parameter in [low, high] that applies to `applies` only, or None."""
+    value = raw.get(key)
+    if value is None:
+        return None
+    if syntax not in applies:
+        raise SyntaxError_(f"{key} applies to {where} only, not {syntax_name(syntax)}", key)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise SyntaxError_(
+            f"{key}: expected a whole number {low}-{high} ({meaning}), got {value!r}", key
+        )
+    return value

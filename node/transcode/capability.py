@@ -153,6 +153,9 @@ def output_photometric(facts: PixelFacts, target: Target) -> str:
     """The Photometric Interpretation the output will carry."""
     if needs_mct(facts, target):
         return "YBR_ICT" if target.is_lossy else "YBR_RCT"
+    codec = codecs.codec_for(target.syntax)
+    if codec is not None and codec.output_photometric is not None:
+        return codec.output_photometric(facts, target)
     return facts.decoded_photometric
 
 
@@ -200,7 +203,8 @@ def refusal(facts: PixelFacts, target: Target) -> str | None:
         return f"the node has no encoder for {name}"
     if codec.refuse is not None and (reason := codec.refuse(facts, target)):
         return reason
-    if codec.profiles is None:  # takes whatever the node decodes
+    profile = None if codec.profiles is None else codec.profiles.get(target.syntax)
+    if profile is None:  # takes whatever the node decodes
         return None
     limit = codec.max_bits_stored
     if limit and facts.bits_stored > limit:
@@ -208,7 +212,7 @@ def refusal(facts: PixelFacts, target: Target) -> str | None:
             f"Bits Stored {facts.bits_stored} is above the {limit} bits the {name} encoder supports"
         )
     pi = output_photometric(facts, target)
-    for p_pi, p_spp, p_repr, p_alloc, p_stored in codec.profiles.get(target.syntax, ()):
+    for p_pi, p_spp, p_repr, p_alloc, p_stored in profile:
         if (
             pi == p_pi
             and facts.samples == p_spp

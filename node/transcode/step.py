@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileDataset
+from pydicom.encaps import generate_frames
 from pydicom.multival import MultiValue
 from pydicom.pixels import (
     as_pixel_options,
@@ -130,8 +131,13 @@ def _encode(
     if facts.samples > 1:
         out.PlanarConfiguration = 0  # decoded frames are always colour-by-pixel
 
-    frames = decoded_frames(ds, facts, pixel_source)
-    if codec.build is None:  # native Pixel Data: no frame codec
+    repacked = target.syntax in codec.repacks  # from the received codestream, not decoded
+    frames: Iterator = (
+        received_codestreams(ds, facts, pixel_source)
+        if repacked
+        else decoded_frames(ds, facts, pixel_source)
+    )
+    if codec.build is None and not repacked:  # native Pixel Data: no frame codec
         encoded_bytes, max_error = _native_pixels(frames, out, facts)
     else:
         encoded_bytes, max_error = _encapsulated_pixels(frames, out, facts, target, codec)
@@ -155,17 +161,25 @@ def _encapsulated_pixels(
     target: Target,
     codec: Codec,
 ) -> tuple[int, int | None]:
-    assert codec.build is not None
     syntax = UID(target.syntax)
     options = as_pixel_options(out)
     options["number_of_frames"] = 1
     colour_transform = capability.needs_mct(facts, target)
     # get_encoder as this module holds it: see FrameJob.get_encoder
-    encode, decode = codec.build(
-        FrameJob(syntax, target, facts, options, colour_transform, get_encoder)
-    )
-    allowed_error = codec.error_bound(target)  # None: lossy, the ratio is recorded instead
+    job = FrameJob(syntax, target, facts, options, colour_transform, get_encoder)
     pixel_data = _Encapsulated(facts.frames)
+    if syntax in codec.repacks:  # the repacker verifies its own output (byte for byte)
+        assert codec.repack is not None
+        repacked = codec.repack(job)
+        for codestream in frames:
+            pixel_data.add(repacked(codestream))
+        out.PixelData = pixel_data.finish()
+        out["PixelData"].VR = "OB"
+        out["PixelData"].is_undefined_length = True
+        return pixel_data.frame_bytes, 0
+    assert codec.build is not None
+    encode, decode = codec.build(job)
+    allowed_error = codec.error_bound(target)  # None: lossy, the ratio is recorded instead
     max_error = 0
     for index, frame in enumerate(frames):
         encoded = encode(frame)
@@ -272,6 +286,23 @@ def _little_endian_copy(ds: Dataset, facts: capability.PixelFacts) -> Dataset:
     except Exception as exc:  # noqa: BLE001 - an Image Pixel module pydicom cannot read
         raise Refused(f"the pixels cannot be decoded to verify a byte order change: {exc}") from exc
     return out
+
+
+def received_codestreams(
+    ds: Dataset, facts: capability.PixelFacts, pixel_source: Path | None = None
+) -> Iterator[bytes]:
+    """Each frame of encapsulated Pixel Data as received, read from `pixel_source` (or the
+    dataset's file) one at a time when the value is deferred there."""
+    elem = ds.get_item(0x7FE00010, keep_deferred=True)
+    if elem.value is not None:
+        yield from generate_frames(elem.value, number_of_frames=facts.frames)
+        return
+    source = pixel_source or getattr(ds, "filename", None)
+    if not isinstance(source, (str, Path)) or not getattr(elem, "value_tell", None):
+        raise Refused("the received Pixel Data cannot be read")
+    with open(source, "rb") as f:
+        f.seek(elem.value_tell)
+        yield from generate_frames(f, number_of_frames=facts.frames)
 
 
 def decoded_frames(

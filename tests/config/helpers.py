@@ -20,7 +20,9 @@ REPO = Path(__file__).resolve().parents[2]
 SRC = "node.yaml"
 SUPPORTED = (
     "supported: keep, ExplicitVRLittleEndian, RLELossless, JPEGLSLossless, JPEGLSNearLossless, "
-    "JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K"
+    "JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K, JPEGBaseline8Bit, "
+    "JPEGExtended12Bit, JPEGLosslessSV1, JPEGLossless, JPEGXLLossless, JPEGXL, "
+    "JPEGXLJPEGRecompression"
 )
 
 # The README's configuration example, verbatim.

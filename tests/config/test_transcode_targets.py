@@ -39,9 +39,9 @@ def test_unknown_transfer_syntax_on_a_block_mapping_names_the_syntax_line():
 @pytest.mark.parametrize(
     "syntax, shown",
     [
-        ("JPEGBaseline8Bit", "JPEGBaseline8Bit (1.2.840.10008.1.2.4.50)"),
-        ("1.2.840.10008.1.2.4.50", "JPEGBaseline8Bit (1.2.840.10008.1.2.4.50)"),
-        ("JPEGLosslessSV1", "JPEGLosslessSV1 (1.2.840.10008.1.2.4.70)"),
+        ("MPEG2MPML", "MPEG2MPML (1.2.840.10008.1.2.4.100)"),
+        ("1.2.840.10008.1.2.4.100", "MPEG2MPML (1.2.840.10008.1.2.4.100)"),
+        ("JPEG2000MCLossless", "JPEG2000MCLossless (1.2.840.10008.1.2.4.92)"),
         ("ImplicitVRLittleEndian", "ImplicitVRLittleEndian (1.2.840.10008.1.2)"),
         ("1.2.3.4", "1.2.3.4 (1.2.3.4)"),
     ],
@@ -223,6 +223,63 @@ def test_htj2k_targets_parse():
     assert not parse(rule_with_transcode("{syntax: HTJ2K}")).rules[0].transcode.target.is_lossy
 
 
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("{syntax: JPEGBaseline8Bit}",
+         "JPEGBaseline8Bit needs jpeg_quality (libjpeg's quality, 1-100)"),
+        ("{syntax: JPEGExtended12Bit}",
+         "JPEGExtended12Bit needs jpeg_quality (libjpeg's quality, 1-100)"),
+        ("{syntax: JPEGBaseline8Bit, jpeg_quality: 0}",
+         "jpeg_quality: expected a whole number 1-100 (higher keeps more), got 0"),
+        ("{syntax: JPEGBaseline8Bit, jpeg_quality: 90.5}",
+         "jpeg_quality: expected a whole number 1-100 (higher keeps more), got 90.5"),
+        ("{syntax: JPEGLossless, jpeg_quality: 90}",
+         "jpeg_quality applies to JPEGBaseline8Bit and JPEGExtended12Bit only, not JPEGLossless"),
+        ("{syntax: JPEGLossless, predictor: 8}",
+         "predictor: expected a whole number 1-7 (the selection value; JPEGLosslessSV1 is "
+         "predictor 1), got 8"),
+        ("{syntax: JPEGLosslessSV1, predictor: 2}",
+         "predictor applies to JPEGLossless only, not JPEGLosslessSV1"),
+        ("{syntax: JPEGXLLossless, jxl_effort: 0}",
+         "jxl_effort: expected a whole number 1-9 (higher is smaller and slower), got 0"),
+        ("{syntax: JPEGXLJPEGRecompression, jxl_effort: 5}",
+         "jxl_effort applies to JPEGXLLossless and JPEGXL only, not JPEGXLJPEGRecompression"),
+        ("{syntax: JPEGXL}",
+         "JPEGXL needs jxl_distance (butteraugli distance; 1 is visually lossless, for "
+         "lossless use JPEGXLLossless)"),
+        ("{syntax: JPEGXL, jxl_distance: 0}",
+         "jxl_distance: expected a butteraugli distance above 0 and at most 25 (1 is visually "
+         "lossless; for lossless use JPEGXLLossless), got 0"),
+        ("{syntax: JPEGXLLossless, jxl_distance: 1}",
+         "jxl_distance applies to JPEGXL (lossy) only, not JPEGXLLossless"),
+        ("{syntax: JPEGLosslessSV1, mct: true}",
+         "mct applies to JPEG 2000 and HTJ2K syntaxes only, not JPEGLosslessSV1"),
+    ],
+)  # fmt: skip
+def test_jpeg_and_jpeg_xl_parameter_problems_are_reported(body, message):
+    assert problems(rule_with_transcode(body)) == [f"node.yaml:6: rule 'r'.transcode: {message}"]
+
+
+@pytest.mark.parametrize(
+    "body, lossy, described",
+    [
+        ("{syntax: JPEGBaseline8Bit, jpeg_quality: 90}", True, "JPEGBaseline8Bit jpeg_quality=90"),
+        ("{syntax: JPEGExtended12Bit, jpeg_quality: 75}", True,
+         "JPEGExtended12Bit jpeg_quality=75"),
+        ("{syntax: JPEGLosslessSV1}", False, "JPEGLosslessSV1"),
+        ("{syntax: JPEGLossless, predictor: 7}", False, "JPEGLossless predictor=7"),
+        ("{syntax: JPEGXLLossless, jxl_effort: 3}", False, "JPEGXLLossless jxl_effort=3"),
+        ("{syntax: '1.2.840.10008.1.2.4.110'}", False, "JPEGXLLossless"),
+        ("{syntax: JPEGXL, jxl_distance: 1.5}", True, "JPEGXL jxl_distance=1.5"),
+        ("{syntax: JPEGXLJPEGRecompression}", False, "JPEGXLJPEGRecompression"),
+    ],
+)  # fmt: skip
+def test_jpeg_and_jpeg_xl_targets_parse(body, lossy, described):
+    target = parse(rule_with_transcode(body)).rules[0].transcode.target
+    assert (target.is_lossy, target.describe()) == (lossy, described)
+
+
 def test_mct_false_is_accepted_on_any_syntax():
     config = parse(rule_with_transcode("{syntax: JPEGLSLossless, mct: false}"))
     assert config.rules[0].transcode.target == Target(uid.JPEGLSLossless)
@@ -245,8 +302,8 @@ def test_bad_fallback_entry_names_the_line_of_that_item():
             send_to: [archive]
         """
     ) == [
-        "node.yaml:9: rule 'r'.transcode.fallback[1]: the node cannot encode JPEGBaseline8Bit "
-        f"(1.2.840.10008.1.2.4.50); {SUPPORTED}",
+        "node.yaml:9: rule 'r'.transcode.fallback[1]: JPEGBaseline8Bit needs jpeg_quality "
+        "(libjpeg's quality, 1-100)",
         "node.yaml:10: rule 'r'.transcode.fallback[2]: JPEG2000 needs exactly one of j2k_cr "
         "or j2k_psnr",
         "node.yaml:11: rule 'r'.transcode.fallback[3]: unknown transfer syntax 'RLELossles' "

@@ -14,7 +14,15 @@ from node.transcode import capability, codecs
 from node.transcode.codecs import rle
 from node.transcode.codecs.base import FrameJob
 from node.transcode.step import transcode
-from node.vocabulary.syntaxes import ENCODABLE, J2K_FAMILY, LOSSLESS, LOSSY_METHOD
+from node.vocabulary.syntaxes import (
+    ENCODABLE,
+    J2K_FAMILY,
+    JPEGXL,
+    LOSSLESS,
+    LOSSY_METHOD,
+    JPEGXLJPEGRecompression,
+    JPEGXLLossless,
+)
 from tests.conftest import data_file, one_rule_config
 from tools.codec_matrix import matrix_targets
 
@@ -49,8 +57,9 @@ def test_each_codec_decodes_what_it_encodes_and_names_its_matrix_columns_rightly
 def test_received_syntaxes_are_offered_compressed_lossless_first_as_before():
     before = (
         uid.JPEGLSLossless, uid.JPEG2000Lossless, uid.HTJ2KLossless, uid.HTJ2KLosslessRPCL,
-        uid.RLELossless, uid.JPEGLosslessSV1, uid.JPEGLossless, uid.JPEGLSNearLossless,
-        uid.JPEG2000, uid.HTJ2K, uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit,
+        uid.RLELossless, uid.JPEGLosslessSV1, uid.JPEGLossless, JPEGXLLossless,
+        uid.JPEGLSNearLossless, uid.JPEG2000, uid.HTJ2K, JPEGXL, JPEGXLJPEGRecompression,
+        uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit,
         uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian, uid.ExplicitVRBigEndian,
         uid.DeflatedExplicitVRLittleEndian,
     )  # fmt: skip

@@ -17,8 +17,9 @@ from pydicom import uid
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
-from node.transcode.codecs import htj2k, jpeg, jpeg2000, jpegls, native, rle
+from node.transcode.codecs import htj2k, jpeg, jpeg2000, jpegls, jpegxl, native, rle
 from node.transcode.codecs.base import Codec
+from node.vocabulary.syntaxes import JPEGXL, JPEGXLJPEGRecompression, JPEGXLLossless
 
 # In the order the README lists the targets (and the codec matrix its columns).
 REGISTERED: tuple[Codec, ...] = (
@@ -28,6 +29,7 @@ REGISTERED: tuple[Codec, ...] = (
     jpeg2000.CODEC,
     htj2k.CODEC,
     jpeg.CODEC,
+    jpegxl.CODEC,
 )
 
 # The order the Storage SCP prefers received syntaxes in (the acceptor picks from its own
@@ -42,9 +44,12 @@ _RECEIVE_PREFERENCE: tuple[UID, ...] = (
     uid.RLELossless,
     uid.JPEGLosslessSV1,
     uid.JPEGLossless,
+    JPEGXLLossless,
     uid.JPEGLSNearLossless,
     uid.JPEG2000,
     uid.HTJ2K,
+    JPEGXL,
+    JPEGXLJPEGRecompression,
     uid.JPEGBaseline8Bit,
     uid.JPEGExtended12Bit,
     uid.ExplicitVRLittleEndian,

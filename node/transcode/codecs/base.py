@@ -20,6 +20,8 @@ from node.transcode.pixels import PixelFacts
 
 FrameEncoder = Callable[[np.ndarray], bytes]
 FrameDecoder = Callable[[bytes], np.ndarray]
+# A received frame's codestream in, the output's out, verified by the codec itself
+CodestreamRepacker = Callable[[bytes], bytes]
 # (Photometric Interpretation, Samples per Pixel, Pixel Representations, Bits Allocated,
 # Bits Stored): one row of an encoder's profile, in pydicom's ENCODING_PROFILES form.
 ProfileRow = tuple[str, int, Sequence[int], Sequence[int], Sequence[int]]
@@ -64,7 +66,8 @@ class Codec:
     # (encode one frame, decode it again) for a target; None: uncompressed (native) Pixel
     # Data, which the codec step writes and verifies itself as one value for all frames
     build: Callable[[FrameJob], tuple[FrameEncoder, FrameDecoder]] | None = None
-    # What the encoder takes, per syntax it encodes; None: every image the node can decode.
+    # What the encoder takes, per syntax it encodes; None, or a syntax it does not name: every
+    # image the node can decode (that `refuse` lets through).
     profiles: Mapping[UID, Sequence[ProfileRow]] | None = None
     max_bits_stored: int | None = None  # an encoder limit below what its profile allows
     # Why this codec cannot take this image for this target (checked before the profile),
@@ -74,6 +77,13 @@ class Codec:
     # bound (the ratio is recorded instead)
     error_bound: Callable[[Target], int | None] = _bounded_unless_lossy
     colour_transform: bool = False  # `mct` applies (RGB may become YBR_RCT / YBR_ICT)
+    # The Photometric Interpretation of an output for a target (e.g. lossy JPEG colour is
+    # YBR_FULL_422); None: the decoded frames' own (or YBR_RCT / YBR_ICT with `mct`)
+    output_photometric: Callable[[PixelFacts, Target], str] | None = None
+    # Syntaxes made from the received codestream rather than from decoded pixels (JPEG XL
+    # JPEG Recompression), and what builds the repacker of one frame's codestream for them
+    repacks: tuple[UID, ...] = ()
+    repack: Callable[[FrameJob], CodestreamRepacker] | None = None
     # Why a received codestream of one of `decodes` is lossy already, from its first bytes
     # (up to 64 KiB of the first fragment, b"" when unreadable); None: no evidence
     lossy_evidence: Callable[[UID, bytes], str | None] | None = None
