@@ -117,7 +117,7 @@ def lossy_evidence(syntax: UID, codestream: bytes) -> str | None:
 
 # --- the decoder pydicom is given ------------------------------------------------------------
 
-DECODER_DEPENDENCIES = dict.fromkeys(_SYNTAXES, ("imagecodecs>=2024.9.22",))
+DECODER_DEPENDENCIES = dict.fromkeys(_SYNTAXES, ("imagecodecs>=2026.3.6",))
 
 
 def is_available(syntax: str) -> bool:
