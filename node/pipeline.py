@@ -32,6 +32,7 @@ from node.deliver.worker import DestinationWorker
 from node.ops import observe as metrics
 from node.spool import Spool, SpoolEntry
 from node.transcode.process import ProcessOutcome, keep_freed_memory_for_reuse, process_entry
+from node.vocabulary.syntaxes import syntax_name
 
 log = logging.getLogger("dicom_node.pipeline")
 
@@ -43,8 +44,8 @@ RETRY_DELAY = 5.0  # seconds before an entry whose processing failed unexpectedl
 TASKS_PER_WORKER = 1000
 CRASHES_BEFORE_AS_RECEIVED = 2
 FAILURES_BEFORE_QUARANTINE = 3  # unexpected errors (not crashes) on one entry
-# Processing makes one output per entry, numbered 0 in the spool (work/ and out/ names) and in
-# the queue, and sends it to every destination of the rule. The queue takes several.
+# Output 0 of an entry (spool work/ and out/ names, the queue): processing writes the others
+# beside it, one per distinct output of the rule (process.py).
 OUTPUT = 0
 
 
@@ -301,7 +302,7 @@ class Pipeline:
             if failures >= FAILURES_BEFORE_QUARANTINE:  # deterministic: retrying cannot help
                 self._failures.pop(entry.id, None)
                 reason = f"processing failed {failures} times; last: {type(exc).__name__}: {exc}"
-                outcome = ProcessOutcome(entry, None, None, quarantine_reason=reason)
+                outcome = ProcessOutcome(entry, None, quarantine_reason=reason)
                 self._outcomes.put((outcome, config))
                 return
             log.exception("processing %s failed unexpectedly; will retry", entry.id)
@@ -364,21 +365,24 @@ class Pipeline:
         if not ready:
             return
         adopted = self.spool.adopt_outputs(
-            [(o.entry, OUTPUT, o.output) for o, _ in ready
-             if o.output and o.output != o.entry.path]
+            [(o.entry, n, output.path) for o, _ in ready
+             for n, output in enumerate(o.outputs) if output.path != o.entry.path]
         )  # fmt: skip
         rows, queued = [], []
         for outcome, config in ready:
             entry = outcome.entry
-            output = adopted.get((entry.id, OUTPUT), entry.path)
-            if isinstance(output, OSError):
-                log.error("could not keep the output of %s (%s); will retry", entry.id, output)
+            paths = [adopted.get((entry.id, n), entry.path) for n in range(len(outcome.outputs))]
+            failed = [p for p in paths if isinstance(p, OSError)]
+            if failed:  # all of an entry's outputs are queued together, or none is
+                log.error("could not keep the output of %s (%s); will retry", entry.id, failed[0])
                 self._settle(entry, settled, retry=True)
                 continue
-            outputs = (NewOutput(str(output), outcome.sop_class, outcome.syntax_out),)
+            outputs = tuple(
+                NewOutput(str(path), outcome.sop_class, output.syntax)
+                for path, output in zip(paths, outcome.outputs, strict=True)
+            )
             deliveries = tuple(
-                NewDelivery(name, OUTPUT, outcome.folder_paths.get(name))
-                for name in outcome.send_to
+                NewDelivery(d.destination, d.output, d.relpath) for d in outcome.deliveries
             )
             rows.append(NewEntry(entry.id, str(entry.path), outputs, deliveries))
             queued.append((outcome, config))
@@ -391,8 +395,13 @@ class Pipeline:
             rule = outcome.rule or ""
             metrics.PROCESSED.labels(rule, outcome.outcome).inc()
             metrics.RULE_BYTES_IN.labels(rule).inc(outcome.bytes_in)
-            metrics.BYTES_OUT.labels(rule).inc(outcome.bytes_out)
+            metrics.BYTES_OUT.labels(rule).inc(sum(o.size for o in outcome.outputs))
             metrics.CODEC_SECONDS.labels(rule).observe(outcome.milliseconds / 1000)
+            for d in outcome.deliveries:
+                output = outcome.outputs[d.output]
+                labels = (rule, d.destination, syntax_name(output.syntax), output.outcome)
+                metrics.OUTPUTS.labels(*labels).inc()
+                metrics.OUTPUT_BYTES.labels(*labels).inc(output.size)
             for name in set(outcome.send_to) - woken:
                 woken.add(name)
                 self._worker(name, config).wake()

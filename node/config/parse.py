@@ -179,9 +179,11 @@ def _describe(value: Any) -> str:
 
 _NODE_KEYS = {"ae_title", "host", "port", "spool", "workers", "spool_max_size", "spool_min_free",
               "log_patient_names", "tls"}  # fmt: skip
-_FOLDER_KEYS = {"type", "path", "layout", "retry"}
+_FOLDER_KEYS = {"type", "path", "layout", "retry", "transcode"}
 _DICOM_KEYS = {"type", "host", "port", "ae_title", "calling_ae_title", "timeout", "retry",
-               "accept_syntaxes", "idle_timeout", "max_per_association", "tls"}  # fmt: skip
+               "accept_syntaxes", "idle_timeout", "max_per_association", "tls",
+               "transcode"}  # fmt: skip
+_SEND_TO_KEYS = {"destination", "transcode"}
 _RETRY_KEYS = {"initial_delay", "max_delay", "give_up_after", "max_failures"}
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -383,6 +385,9 @@ def _parse_destination(
     if m is None:
         return None
     kind = m.get("type")
+    own = None  # the destination's own default output, when it names one
+    if m.get("transcode") is not None:
+        own = _parse_transcode(c, m["transcode"], m.key_lines["transcode"], f"{where}.transcode")
     if kind == "folder":
         c.keys(m, where, _FOLDER_KEYS, {"type", "path"})
         layout = c.string(m, "layout", where, DEFAULT_LAYOUT)
@@ -391,7 +396,7 @@ def _parse_destination(
         if problem:
             c.error(m.key_lines.get("layout", m.line), f"{where}.layout: {problem}")
         path = (base / c.string(m, "path", where, ".")).resolve()
-        return FolderDestination(name, path, layout, _parse_retry(c, m, where))
+        return FolderDestination(name, path, layout, _parse_retry(c, m, where), own)
     if kind == "dicom":
         c.keys(m, where, _DICOM_KEYS, {"type", "host", "port", "ae_title"})
         timeout = m.get("timeout", 30)
@@ -410,6 +415,7 @@ def _parse_destination(
             idle_timeout=c.converted(m, "idle_timeout", where, parse_duration, 5.0),
             max_per_association=c.integer(m, "max_per_association", where, 0, 0, 1_000_000),
             tls=_parse_tls(c, m, where, base, server=False),
+            transcode=own,
         )
     c.error(
         m.key_lines.get("type", m.line),
@@ -503,6 +509,7 @@ def _parse_rule(
         c, m.get("transcode"), m.key_lines.get("transcode", m.line), f"{where}.transcode"
     )
     send_to: list[str] = []
+    own: dict[str, TranscodeSpec] = {}  # the rule's entries for single destinations
     raw_send = m.get("send_to")
     if raw_send is not None:
         items = raw_send if isinstance(raw_send, list) else [raw_send]
@@ -510,16 +517,55 @@ def _parse_rule(
         if not items:
             c.error(m.key_lines["send_to"], f"{where}.send_to: name at least one destination")
         for item, item_line in zip(items, lines, strict=True):
-            if not isinstance(item, str) or item not in destinations:
+            dest, dest_spec = _send_to_item(c, item, item_line, f"{where}.send_to")
+            if dest is None:
+                continue
+            if dest not in destinations:
                 known = ", ".join(sorted(destinations)) or "none defined"
                 c.error(
-                    item_line, f"{where}.send_to: undefined destination {item!r} (known: {known})"
+                    item_line, f"{where}.send_to: undefined destination {dest!r} (known: {known})"
                 )
+            elif dest in send_to:
+                c.error(item_line, f"{where}.send_to: {dest!r} is named twice")
             else:
-                send_to.append(item)
+                send_to.append(dest)
+                if dest_spec is not None:
+                    own[dest] = dest_spec
     # a bad transcode is already reported; the rule is kept so that its name is still checked
     spec = spec or TranscodeSpec(Target(None))
-    return RoutingRule(name, match, spec, tuple(send_to), m.line)
+    outputs = tuple(
+        (dest, own.get(dest) or getattr(destinations[dest], "transcode", None) or spec)
+        for dest in send_to
+    )  # precedence: the rule's entry for it, the destination's default, the rule's transcode
+    return RoutingRule(name, match, spec, tuple(send_to), m.line, outputs)
+
+
+def _send_to_item(
+    c: _Checker, item: Any, line: int, where: str
+) -> tuple[str | None, TranscodeSpec | None]:
+    """A send_to entry: a destination name, or {destination: NAME, transcode: {...}}."""
+    if isinstance(item, str):
+        return item, None
+    if not isinstance(item, dict):
+        c.error(line, f"{where}: expected a destination name or a mapping with 'destination' "
+                      f"(and 'transcode'), got {_describe(item)}")  # fmt: skip
+        return None, None
+    m = c.mapping(item, line, where)
+    if m is None:
+        return None, None
+    c.keys(m, where, _SEND_TO_KEYS, {"destination"})
+    name = m.get("destination")
+    if not isinstance(name, str):
+        if "destination" in m:
+            c.error(m.key_lines["destination"], f"{where}.destination: expected a destination "
+                                                f"name, got {_describe(name)}")  # fmt: skip
+        return None, None
+    spec = None
+    if "transcode" in m:
+        spec = _parse_transcode(
+            c, m["transcode"], m.key_lines["transcode"], f"{where}[{name}].transcode"
+        )
+    return name, spec
 
 
 # PyYAML token ids (as they appear in its messages) in the words an operator knows

@@ -81,6 +81,7 @@ class FolderDestination:
     path: Path
     layout: str
     retry: RetryPolicy = RetryPolicy()
+    transcode: TranscodeSpec | None = None  # its own default output (see RoutingRule.outputs)
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,7 @@ class DicomDestination:
     idle_timeout: float = 5.0  # seconds an association stays open without work
     max_per_association: int = 0  # instances before a new association; 0 = no limit
     tls: TlsSettings | None = None
+    transcode: TranscodeSpec | None = None  # its own default output (see RoutingRule.outputs)
 
 
 Destination = FolderDestination | DicomDestination
@@ -106,9 +108,20 @@ class RoutingRule:
     name: str
     # keyword -> accepted patterns; every keyword must match (AND), any pattern may (OR)
     match: tuple[tuple[str, tuple[str, ...]], ...]
-    transcode: TranscodeSpec
+    transcode: TranscodeSpec  # the rule's default output
     send_to: tuple[str, ...]
     line: int = 0
+    # What each destination of send_to gets, in its order, resolved at load: the rule's entry
+    # for that destination, else the destination's own `transcode`, else the rule's. Empty
+    # (a rule made in code): every destination gets `transcode`.
+    outputs: tuple[tuple[str, TranscodeSpec], ...] = ()
+
+    def spec_for(self, destination: str) -> TranscodeSpec:
+        return dict(self.outputs).get(destination, self.transcode)
+
+    def distinct_specs(self) -> tuple[TranscodeSpec, ...]:
+        """Each distinct output the rule makes, in the order its destinations first need it."""
+        return tuple(dict.fromkeys(self.spec_for(name) for name in self.send_to))
 
 
 @dataclass(frozen=True)

@@ -12,18 +12,29 @@ from pathlib import Path
 from pydicom import dcmread
 
 from node.config import Config, DicomDestination, FolderDestination, RoutingRule
+from node.config.targets import TranscodeSpec
 from node.deliver.destinations.folder import layout_path
 from node.route import Arrival, select_rule
 from node.transcode.capability import lossy_history, pixel_facts
 from node.transcode.process import read_arrival
-from node.transcode.step import transcode
+from node.transcode.step import TranscodeResult, transcode_all
 from node.vocabulary.syntaxes import syntax_name
 
 
 def describe_rule(rule: RoutingRule) -> str:
+    """One line; a rule whose destinations get different outputs names each output's."""
     match = ", ".join(f"{k}={'|'.join(v)}" for k, v in rule.match) or "everything"
-    targets = " then ".join(t.describe() for t in rule.transcode.candidates)
-    return f"{rule.name}: {match} -> {targets} -> {', '.join(rule.send_to)}"
+    specs = rule.distinct_specs() or (rule.transcode,)
+    outputs = [
+        f"{_describe_spec(spec)} -> "
+        + ", ".join(d for d in rule.send_to if rule.spec_for(d) == spec)
+        for spec in specs
+    ]
+    return f"{rule.name}: {match} -> " + "; ".join(outputs)
+
+
+def _describe_spec(spec: TranscodeSpec) -> str:
+    return " then ".join(t.describe() for t in spec.candidates)
 
 
 def describe_destination(dest: FolderDestination | DicomDestination) -> str:
@@ -77,12 +88,24 @@ def explain_file(config: Config, path: Path, arrival: Arrival | None = None) -> 
         lines.append("  rule: none matches => quarantined in the spool with a reason file")
         return "\n".join(lines)
     lines.append(f"  rule: {rule.name} ({config.source}:{rule.line})")
-    result = transcode(ds, rule.transcode)
-    for note in result.notes:
-        lines.append(f"  note: {note}")
+    specs = rule.distinct_specs()
+    for spec, result in zip(specs, transcode_all(ds, specs), strict=True):
+        names = [d for d in rule.send_to if rule.spec_for(d) == spec]
+        indent = "  "
+        if len(specs) > 1:  # each output under the destinations that get it
+            lines.append(f"  output for {', '.join(names)}: {_describe_spec(spec)}")
+            indent = "    "
+        lines += [indent + line for line in _result_lines(config, ds, facts, result, names)]
+    return "\n".join(lines)
+
+
+def _result_lines(
+    config: Config, ds, facts, result: TranscodeResult, names: list[str]
+) -> list[str]:
+    lines = [f"note: {note}" for note in result.notes]
     if result.dataset is None:
         how = "as received" if result.outcome == "passed-through" else "unchanged (keep)"
-        lines.append(f"  result: {result.outcome}: forwarded {how} in {syntax_name(facts.syntax)}")
+        lines.append(f"result: {result.outcome}: forwarded {how} in {syntax_name(facts.syntax)}")
         out = ds
     else:
         out = result.dataset
@@ -95,21 +118,21 @@ def explain_file(config: Config, path: Path, arrival: Arrival | None = None) -> 
         else:
             verified = f"max pixel error {result.max_error}"
         lines.append(
-            f"  result: recompressed to {target.describe()}, ratio {result.ratio:.2f}:1, "
+            f"result: recompressed to {target.describe()}, ratio {result.ratio:.2f}:1, "
             f"verified {verified}"
         )
         if target.is_lossy:
             methods = out.data_element("LossyImageCompressionMethod")
             lines.append(
-                f"  lossy: new SOP Instance UID {out.SOPInstanceUID}, Lossy Image Compression 01, "
+                f"lossy: new SOP Instance UID {out.SOPInstanceUID}, Lossy Image Compression 01, "
                 f"methods {methods.value if methods.VM == 1 else list(methods.value)}"
             )
-    for name in rule.send_to:
+    for name in names:
         dest = config.destinations[name]
         where = (
             f"{dest.path / str(layout_path(dest.layout, out))}"
             if isinstance(dest, FolderDestination)
             else f"{dest.ae_title}@{dest.host}:{dest.port}"
         )
-        lines.append(f"  deliver: {name} -> {where}")
-    return "\n".join(lines)
+        lines.append(f"deliver: {name} -> {where}")
+    return lines

@@ -34,6 +34,11 @@ RULE_BYTES_IN = Counter("dicom_node_rule_bytes_in", "Bytes received per rule (ra
                         ["rule"], registry=REGISTRY)  # fmt: skip
 BYTES_OUT = Counter("dicom_node_bytes_out", "Bytes of processed output", ["rule"],
                     registry=REGISTRY)  # fmt: skip
+OUTPUTS = Counter("dicom_node_outputs", "Outputs queued for a destination (one per instance "
+                  "and destination)", ["rule", "destination", "syntax", "outcome"],
+                  registry=REGISTRY)  # fmt: skip
+OUTPUT_BYTES = Counter("dicom_node_output_bytes", "Bytes of the outputs queued for a destination",
+                       ["rule", "destination", "syntax", "outcome"], registry=REGISTRY)  # fmt: skip
 CODEC_SECONDS = Histogram("dicom_node_codec_seconds", "Time to route, transcode and verify one",
                           ["rule"], registry=REGISTRY)  # fmt: skip
 DELIVERED = Counter("dicom_node_instances_forwarded", "Deliveries a destination took",

@@ -10,7 +10,7 @@ import ctypes
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from node.deliver.destinations import relpath_for
 from node.route import Arrival, select_rule
 from node.spool import SpoolEntry
 from node.transcode.output_file import write_output
-from node.transcode.step import TranscodeResult, transcode
+from node.transcode.step import transcode_all
 from node.vocabulary.syntaxes import syntax_name
 
 KEEP = TranscodeSpec(Target(None))
@@ -37,51 +37,93 @@ KEPT_FOR_REUSE = 64 << 20
 
 
 @dataclass(frozen=True)
+class Output:
+    """One file processing made for some of the rule's destinations."""
+
+    path: Path  # a work file, or the spool entry itself (sent as received)
+    syntax: str
+    size: int
+    outcome: str  # "recompressed", "kept" or "passed-through" (TranscodeResult.outcome)
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What one destination of the rule gets: which output, and where a folder puts it."""
+
+    destination: str
+    output: int  # an index into ProcessOutcome.outputs
+    relpath: str | None = None  # for the types that lay out files (a folder)
+
+
+@dataclass(frozen=True)
 class ProcessOutcome:
     entry: SpoolEntry
     rule: str | None
-    output: Path | None  # the file to deliver: a work file, or the spool entry itself
-    # destination -> where it puts the output, for the types that lay out files (a folder)
-    folder_paths: dict[str, str] = field(default_factory=dict)
-    send_to: tuple[str, ...] = ()
+    outputs: tuple[Output, ...] = ()
+    deliveries: tuple[Delivery, ...] = ()  # in the rule's send_to order
     sop_class: str = ""
     syntax_in: str = ""
-    syntax_out: str = ""
     bytes_in: int = 0
-    bytes_out: int = 0
-    outcome: str = ""
-    notes: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()  # about the instance, beside each output's own
     calling_aet: str = ""
     milliseconds: float = 0.0
     quarantine_reason: str | None = None
     patient: str = ""  # only when node.log_patient_names allows it
 
+    @property
+    def send_to(self) -> tuple[str, ...]:
+        return tuple(d.destination for d in self.deliveries)
+
+    @property
+    def outcome(self) -> str:
+        """The outputs' outcome when they agree, else "mixed"."""
+        kinds = {o.outcome for o in self.outputs}
+        return kinds.pop() if len(kinds) == 1 else "mixed" if kinds else ""
+
     def fields(self) -> dict[str, object]:
-        """The per-instance log line as data (for --log-format json)."""
+        """The per-instance log line as data (for --log-format json): the first output's
+        syntax and size at the top level, and what each destination gets."""
+        first = self.outputs[0] if self.outputs else None
         values: dict[str, object] = {
             "event": "instance", "outcome": self.outcome, "calling_aet": self.calling_aet,
             "sop_class": self.sop_class, "rule": self.rule, "syntax_in": self.syntax_in,
-            "syntax_out": self.syntax_out, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
-            "ratio": round(self.bytes_in / self.bytes_out, 3) if self.bytes_out else None,
+            "syntax_out": first.syntax if first else None,
+            "bytes_in": self.bytes_in, "bytes_out": first.size if first else None,
+            "ratio": round(self.bytes_in / first.size, 3) if first and first.size else None,
             "ms": round(self.milliseconds, 1), "destinations": list(self.send_to),
-            "notes": list(self.notes),
+            "outputs": [
+                {"destinations": [d.destination for d in self.deliveries if d.output == n],
+                 "syntax": o.syntax, "bytes": o.size, "outcome": o.outcome,
+                 "ratio": round(self.bytes_in / o.size, 3) if o.size else None}
+                for n, o in enumerate(self.outputs)
+            ],
+            "notes": list(self.all_notes()),
         }  # fmt: skip
         if self.patient:
             values["patient"] = self.patient
         return values
 
+    def all_notes(self) -> tuple[str, ...]:
+        """The instance's notes, then each output's (once, however many outputs share one)."""
+        return tuple(dict.fromkeys((*self.notes, *(n for o in self.outputs for n in o.notes))))
+
     def summary(self) -> str:
-        ratio = self.bytes_in / self.bytes_out if self.bytes_out else 0
         text = (
             f"{self.outcome} from={self.calling_aet or '?'} sop={self.sop_class} rule={self.rule} "
-            f"{syntax_name(self.syntax_in)}->{syntax_name(self.syntax_out)} "
-            f"{self.bytes_in}->{self.bytes_out} bytes ({ratio:.2f}:1) {self.milliseconds:.0f} ms "
-            f"to={','.join(self.send_to)}"
+            f"{syntax_name(self.syntax_in)} {self.bytes_in} bytes {self.milliseconds:.0f} ms "
         )
+        parts = []
+        for n, o in enumerate(self.outputs):
+            names = ",".join(d.destination for d in self.deliveries if d.output == n)
+            ratio = self.bytes_in / o.size if o.size else 0
+            parts.append(f"to={names} {syntax_name(o.syntax)} {o.size} bytes ({ratio:.2f}:1)"
+                         + ("" if len(self.outputs) == 1 else f" {o.outcome}"))  # fmt: skip
+        text += "; ".join(parts)
         if self.patient:
             text += f" patient={self.patient}"
-        if self.notes:
-            text += " | " + "; ".join(self.notes)
+        if notes := self.all_notes():
+            text += " | " + "; ".join(notes)
         return text
 
 
@@ -131,15 +173,15 @@ def process_entry(
             ds = dcmread(entry.path)  # deferred values cannot be re-read from a deflated file
     except Exception as exc:  # any way a file can fail to parse (struct.error, ...): kept aside
         reason = f"unreadable dataset: {type(exc).__name__}: {exc}"
-        return ProcessOutcome(entry, None, None, quarantine_reason=reason)
+        return ProcessOutcome(entry, None, quarantine_reason=reason)
     arrival = read_arrival(ds)
     try:
         rule = select_rule(config.rules, ds, arrival)
     except Exception as exc:  # a dataset so broken its attributes cannot be read
-        return ProcessOutcome(entry, None, None, quarantine_reason=f"cannot evaluate rules: {exc}")
+        return ProcessOutcome(entry, None, quarantine_reason=f"cannot evaluate rules: {exc}")
     if rule is None:
         return ProcessOutcome(
-            entry, None, None,
+            entry, None,
             calling_aet=arrival.calling_aet,
             quarantine_reason=(
                 f"no rule matched (Modality={ds.get('Modality', '')!s}, "
@@ -148,42 +190,45 @@ def process_entry(
         )  # fmt: skip
     pixels = ds.get_item(0x7FE00010, keep_deferred=True) if "PixelData" in ds else None
     on_disk = pixels is not None and pixels.value is None and pixels.length  # deferred
-    result: TranscodeResult = transcode(
-        ds, KEEP if as_received else rule.transcode, entry.path if on_disk else None
-    )
-    notes = result.notes + (("worker crashed on this instance before; sent as received",)
-                            if as_received else ())  # fmt: skip
-    out_ds, output = ds, entry.path
-    if result.dataset is not None:
-        tmp = work_path.with_suffix(".part")
-        try:
-            write_output(tmp, result.dataset, ds, entry.path, received)
-        except Exception as exc:  # e.g. hostile elements pydicom refuses to write: as received
-            tmp.unlink(missing_ok=True)
-            notes += (f"the output could not be written ({type(exc).__name__}: {exc}); "
-                      "sent as received",)  # fmt: skip
-            result = TranscodeResult(None, "passed-through", None)
-        else:
-            os.replace(tmp, work_path)  # not fsync'd: after a crash the entry is processed again
-            out_ds, output = result.dataset, work_path
-    folder_paths = {
-        name: relpath
-        for name in rule.send_to
-        if (relpath := relpath_for(config.destinations[name], out_ds)) is not None
-    }
+    specs = (KEEP,) if as_received else rule.distinct_specs()
+    results = transcode_all(ds, specs, entry.path if on_disk else None)
+    outputs: list[Output] = []
+    datasets: list = []  # each output's dataset, for the folder layouts
+    made: dict[object, int] = {}  # what an output is (a target, or "as received") -> its index
+    spec_output: dict[TranscodeSpec, int] = {}
+    for spec, result in zip(specs, results, strict=True):
+        notes = result.notes
+        key: object = result.target if result.dataset is not None else "as received"
+        if key not in made and result.dataset is not None:
+            work = _work_file(work_path, len(outputs))
+            problem = _write(work, result.dataset, ds, entry.path, received)
+            if problem is None:
+                made[key] = len(outputs)
+                outputs.append(Output(work, str(result.dataset.file_meta.TransferSyntaxUID),
+                                      work.stat().st_size, result.outcome, notes))  # fmt: skip
+                datasets.append(result.dataset)
+            else:  # e.g. hostile elements pydicom refuses to write: sent as received
+                key, notes = "as received", (*notes, problem)
+        if key not in made:
+            made[key] = len(outputs)
+            outcome = result.outcome if result.dataset is None else "passed-through"
+            outputs.append(Output(entry.path, syntax_in, size, outcome, notes))
+            datasets.append(ds)
+        spec_output[spec] = made[key]
+    deliveries = []
+    for name in rule.send_to:
+        index = spec_output[KEEP if as_received else rule.spec_for(name)]
+        relpath = relpath_for(config.destinations[name], datasets[index])
+        deliveries.append(Delivery(name, index, relpath))
     return ProcessOutcome(
         entry=entry,
         rule=rule.name,
-        output=output,
-        folder_paths=folder_paths,
-        send_to=rule.send_to,
+        outputs=tuple(outputs),
+        deliveries=tuple(deliveries),
         sop_class=str(ds.get("SOPClassUID", "")),
         syntax_in=syntax_in,
-        syntax_out=str(out_ds.file_meta.TransferSyntaxUID),
         bytes_in=size,
-        bytes_out=output.stat().st_size,
-        outcome=result.outcome,
-        notes=notes,
+        notes=("worker crashed on this instance before; sent as received",) if as_received else (),
         calling_aet=arrival.calling_aet,
         milliseconds=(time.perf_counter() - started) * 1000,
         patient=(
@@ -192,3 +237,22 @@ def process_entry(
             else ""
         ),
     )
+
+
+def _work_file(first: Path, index: int) -> Path:
+    """Where output `index` is written: `first` for output 0, beside it for the others (the
+    pipeline renames each into the spool's out/ under its number)."""
+    return first if index == 0 else first.with_suffix(f".{index}.dcm")
+
+
+def _write(path: Path, out, ds, source: Path, received: bytes | None) -> str | None:
+    """Write an output (not fsync'd: after a crash the entry is processed again); why it could
+    not be, or None."""
+    tmp = path.with_suffix(".part")
+    try:
+        write_output(tmp, out, ds, source, received)
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        return f"the output could not be written ({type(exc).__name__}: {exc}); sent as received"
+    os.replace(tmp, path)
+    return None

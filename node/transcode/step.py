@@ -58,13 +58,52 @@ class TranscodeResult:
     max_error: int | None = None  # largest absolute pixel difference found when verifying
 
 
+# Decoded frames up to this (bytes, all frames) are kept for an instance's other targets.
+KEEP_DECODED = 1 << 30
+
+
+class DecodedInput:
+    """An instance's frames, decoded once for all of its targets (transcode_all). Above
+    KEEP_DECODED bytes they are not kept: each target decodes them again, frame by frame, as
+    a single target does, so that a large multi-frame instance never sits in memory whole."""
+
+    def __init__(self) -> None:
+        self._frames: list[np.ndarray] | None = None
+        self.decodes = 0  # times the input was decoded
+
+    def frames(
+        self, ds: Dataset, facts: capability.PixelFacts, pixel_source: Path | None
+    ) -> Iterator[np.ndarray]:
+        if self._frames is not None:
+            return iter(self._frames)
+        self.decodes += 1
+        if facts.frame_bytes * facts.frames > KEEP_DECODED:
+            return decoded_frames(ds, facts, pixel_source)
+        self._frames = list(decoded_frames(ds, facts, pixel_source))
+        return iter(self._frames)
+
+
+def transcode_all(
+    ds: Dataset, specs: tuple[TranscodeSpec, ...], pixel_source: Path | None = None
+) -> tuple[TranscodeResult, ...]:
+    """`transcode` for each of `specs` (a rule's distinct outputs), the input decoded once."""
+    if len(specs) == 1:  # nothing to share: frames stream through, one at a time
+        return (transcode(ds, specs[0], pixel_source),)
+    decoded = DecodedInput()
+    return tuple(transcode(ds, spec, pixel_source, decoded) for spec in specs)
+
+
 def transcode(
-    ds: Dataset, spec: TranscodeSpec, pixel_source: Path | None = None
+    ds: Dataset,
+    spec: TranscodeSpec,
+    pixel_source: Path | None = None,
+    decoded: DecodedInput | None = None,
 ) -> TranscodeResult:
     """Encode `ds` to the first candidate of `spec` that can take it, verified.
 
     `pixel_source`: the file `ds` was read from with its Pixel Data deferred (a large
     multi-frame instance); frames are then read from it one at a time, never all at once.
+    `decoded`: the frames as another target of the same instance decoded them (transcode_all).
     """
     notes: list[str] = []
     try:
@@ -89,7 +128,7 @@ def transcode(
                 )
                 continue
         try:
-            out, ratio, max_error = _encode(ds, facts, target, pixel_source)
+            out, ratio, max_error = _encode(ds, facts, target, pixel_source, decoded)
         except Refused as exc:
             notes.append(f"{target.describe()}: {exc}")
             continue
@@ -117,7 +156,11 @@ def transcode(
 
 
 def _encode(
-    ds: Dataset, facts: capability.PixelFacts, target: Target, pixel_source: Path | None = None
+    ds: Dataset,
+    facts: capability.PixelFacts,
+    target: Target,
+    pixel_source: Path | None = None,
+    decoded: DecodedInput | None = None,
 ):
     if target.syntax == ExplicitVRLittleEndian and facts.syntax == ExplicitVRBigEndian:
         return _little_endian_copy(ds, facts), 1.0, 0  # no codec: bit-packed, float, any
@@ -132,11 +175,12 @@ def _encode(
         out.PlanarConfiguration = 0  # decoded frames are always colour-by-pixel
 
     repacked = target.syntax in codec.repacks  # from the received codestream, not decoded
-    frames: Iterator = (
-        received_codestreams(ds, facts, pixel_source)
-        if repacked
-        else decoded_frames(ds, facts, pixel_source)
-    )
+    if repacked:
+        frames: Iterator = received_codestreams(ds, facts, pixel_source)
+    elif decoded is not None:
+        frames = decoded.frames(ds, facts, pixel_source)
+    else:
+        frames = decoded_frames(ds, facts, pixel_source)
     if codec.build is None and not repacked:  # native Pixel Data: no frame codec
         encoded_bytes, max_error = _native_pixels(frames, out, facts)
     else:

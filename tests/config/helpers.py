@@ -126,7 +126,7 @@ SEVERAL_PROBLEMS_EXPECTED = [
     "8: destinations.archive.layout: '{Bogus}' is not a DICOM keyword",
     "14: destinations.pacs: unknown key 'colour'; "
     "allowed: accept_syntaxes, ae_title, calling_ae_title, host, idle_timeout, "
-    "max_per_association, port, retry, timeout, tls, type",
+    "max_per_association, port, retry, timeout, tls, transcode, type",
     "17: rule 'ct'.match: 'Modalty' is not a DICOM keyword (nor CallingAET / CalledAET)",
     "18: rule 'ct'.transcode: JPEG2000 needs exactly one of j2k_cr or j2k_psnr",
     "19: rule 'ct'.send_to: undefined destination 'nowhere' (known: archive, pacs)",

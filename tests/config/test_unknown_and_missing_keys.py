@@ -91,7 +91,7 @@ def test_unknown_key_in_a_folder_destination_suggests_the_close_one():
         """
     ) == [
         "node.yaml:5: destinations.archive: unknown key 'layuot' (did you mean 'layout'?); "
-        "allowed: layout, path, retry, type"
+        "allowed: layout, path, retry, transcode, type"
     ]
 
 
@@ -113,7 +113,7 @@ def test_unknown_key_in_a_dicom_destination_suggests_the_close_one():
         "node.yaml:7: destinations.pacs: unknown key 'calling_aet' "
         "(did you mean 'calling_ae_title'?); "
         "allowed: accept_syntaxes, ae_title, calling_ae_title, host, idle_timeout, "
-        "max_per_association, port, retry, timeout, tls, type"
+        "max_per_association, port, retry, timeout, tls, transcode, type"
     ]
 
 

@@ -92,3 +92,27 @@ def test_explain_reports_every_config_problem_with_its_line_like_check_config(tm
         assert explained == checked, name
         problems = [p for p in explained if p.startswith(f"{config}:")]
         assert [int(p.split(":")[1]) for p in problems][: len(lines)] == lines, (name, problems)
+
+
+def test_explain_runs_every_distinct_output_and_says_who_gets_it(tmp_path, capsys):
+    config = tmp_path / "three.yaml"
+    config.write_text("""
+destinations:
+  archive: {type: folder, path: ./archive, layout: "{SOPInstanceUID}.dcm"}
+  telerad: {type: folder, path: ./telerad, layout: "{SOPInstanceUID}.dcm"}
+  mirror: {type: folder, path: ./mirror, layout: "{SOPInstanceUID}.dcm"}
+rules:
+  - name: r
+    transcode: {syntax: JPEGLSLossless}
+    send_to: [archive, {destination: telerad, transcode: {syntax: HTJ2K, htj2k_qstep: 0.004}},
+              mirror]
+""")
+    assert main(["explain", "-c", str(config), str(data_file("MR_small.dcm"))]) == 0
+    out = capsys.readouterr().out
+    assert "  output for archive, mirror: JPEGLSLossless\n" in out
+    assert "    result: recompressed to JPEGLSLossless" in out
+    assert "  output for telerad: HTJ2K htj2k_qstep=0.004\n" in out
+    assert "    result: recompressed to HTJ2K htj2k_qstep=0.004" in out
+    assert "    lossy: new SOP Instance UID" in out
+    assert out.count("deliver: ") == 3
+    assert not (tmp_path / "archive").exists()

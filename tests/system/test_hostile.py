@@ -98,7 +98,8 @@ def run_entry(path: str, root: str):
     """One spool entry through the worker's function (in a pool process, as in the node)."""
     config = parse_config(FUZZ_CONFIG, "fuzz.yaml", Path(root))
     outcome = process_entry(SpoolEntry(Path(path)), config, Path(root) / "work.dcm")
-    return outcome.quarantine_reason, outcome.outcome, dict(outcome.folder_paths)
+    folder_paths = {d.destination: d.relpath for d in outcome.deliveries if d.relpath}
+    return outcome.quarantine_reason, outcome.outcome, folder_paths
 
 
 class Worker:

@@ -11,7 +11,7 @@ import pytest
 from node.config import parse_config
 from node.pipeline import Pipeline
 from node.spool import Spool, SpoolEntry
-from node.transcode.process import ProcessOutcome
+from node.transcode.process import Delivery, Output, ProcessOutcome
 from tests.conftest import wait_for
 
 CONFIG = """\
@@ -39,8 +39,9 @@ def outcome(pipe: Pipeline, name: str, quarantine: str | None = None) -> Process
     entry = SpoolEntry(path)
     pipe._in_flight.add(entry.id)
     if quarantine:
-        return ProcessOutcome(entry, None, None, quarantine_reason=quarantine)
-    return ProcessOutcome(entry, "r", path, send_to=("archive",), folder_paths={"archive": "x"})
+        return ProcessOutcome(entry, None, quarantine_reason=quarantine)
+    return ProcessOutcome(entry, "r", outputs=(Output(path, "1.2.840.10008.1.2.1", 4, "kept"),),
+                          deliveries=(Delivery("archive", 0, "x"),))  # fmt: skip
 
 
 def commit(pipe: Pipeline, outcomes: list[ProcessOutcome]) -> None:
@@ -80,7 +81,7 @@ def crash_on_marked(entry: SpoolEntry, config, work: Path, as_received: bool) ->
         os._exit(70)
     time.sleep(0.5)  # codec work: the others are still in flight when a worker dies
     (entry.path.parent.parent / "ran" / f"{entry.path.stem}.{int(as_received)}").touch()
-    return ProcessOutcome(entry, None, None, quarantine_reason="recorded by the test")
+    return ProcessOutcome(entry, None, quarantine_reason="recorded by the test")
 
 
 def test_a_worker_crash_is_counted_against_the_instance_that_crashes_only(tmp_path: Path):
