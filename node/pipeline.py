@@ -20,6 +20,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from node.config import Config
+from node.deliver.commitment import REPORT_TAKEN, CommitmentReport
 from node.deliver.queue import (
     QUEUE_FILE,
     DeliveryQueue,
@@ -405,6 +406,19 @@ class Pipeline:
             for name in set(outcome.send_to) - woken:
                 woken.add(name)
                 self._worker(name, config).wake()
+
+    def commitment_report(self, report: CommitmentReport) -> int:
+        """A Storage Commitment report that came on an association the peer opened (the
+        Storage SCP's thread): settled by the worker of the destination whose transaction it
+        is. The status to answer it with."""
+        held = self.queue.awaiting(report.transaction_uid)
+        worker = self.destinations.get(held[0].delivery.destination) if held else None
+        if worker is None:
+            log.warning("Storage Commitment report for transaction %s, which awaits nothing"
+                        " (settled already, or asked again since)",
+                        report.transaction_uid)  # fmt: skip
+            return REPORT_TAKEN
+        return worker.settle_commitment(report)
 
     def _entry_finished(self, finished: list[FinishedEntry]) -> None:
         """Every destination has them (or dead-lettered a copy): delete their spool files."""

@@ -22,7 +22,7 @@ from pydicom.data import get_testdata_file
 
 from node.config import Config, parse_config
 from tests import harness
-from tests.harness import free_port, http_get, wait_for
+from tests.harness import free_port, wait_for
 
 warnings.filterwarnings("ignore", module="pydicom")
 
@@ -238,7 +238,7 @@ class Orthanc(harness.Orthanc):
 
     def _get(self, path: str):
         try:
-            data = http_get(self.http_port, path, timeout=10)
+            data = self.get(path, timeout=10)
         except OSError:
             return None
         return data if path.endswith("/file") else json.loads(data)

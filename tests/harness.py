@@ -21,6 +21,7 @@ AssertionError by default, the benchmarks' BenchError.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.client
 import json
@@ -161,10 +162,17 @@ def tail(path: Path, lines: int = 15) -> str:
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def http_get(port: int, path: str, timeout: float = 5.0) -> bytes:
-    """GET http://127.0.0.1:PORT/PATH; OSError (ConnectionError included) when it fails."""
+def http_get(
+    port: int, path: str, timeout: float = 5.0, auth: tuple[str, str] | None = None
+) -> bytes:
+    """GET http://127.0.0.1:PORT/PATH (with basic `auth`: user, password); OSError
+    (ConnectionError included) when it fails."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+    if auth is not None:
+        pair = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {pair}")
     try:
-        with _HTTP.open(f"http://127.0.0.1:{port}{path}", timeout=timeout) as response:
+        with _HTTP.open(request, timeout=timeout) as response:
             return response.read()
     except http.client.HTTPException as exc:  # e.g. the server died in mid-answer
         raise ConnectionError(f"http://127.0.0.1:{port}{path}: {exc!r}") from exc
@@ -204,8 +212,16 @@ class Orthanc:
             "DicomCheckCalledAet": False, "Plugins": [],
         }  # fmt: skip
         self.settings.update(extra or {})
+        users = self.settings.get("RegisteredUsers") or {}
+        # the REST API's credentials when authentication is on: the first registered user's
+        self.auth = next(iter(users.items())) if self.settings["AuthenticationEnabled"] else None
         self.storage = Path(self.settings["StorageDirectory"])
         self.config = root / "orthanc.json"
+
+    def declare_modality(self, name: str, ae_title: str, host: str, port: int) -> None:
+        """Add a DICOM modality to its `DicomModalities` (before `start`): Orthanc opens
+        associations to it, e.g. to send the Storage Commitment report of what it asked for."""
+        self.settings.setdefault("DicomModalities", {})[name] = [ae_title, host, port]
 
     def start(self) -> float:
         """Start Orthanc and wait until its REST API answers; the time (monotonic) it did."""
@@ -220,7 +236,7 @@ class Orthanc:
                     f"Orthanc exited with status {self.process.returncode}:\n{tail(self.log)}"
                 )
             try:
-                http_get(self.http_port, "/system", timeout=2)
+                self.get("/system", timeout=2)
             except OSError:
                 return None
             return time.monotonic()
@@ -236,8 +252,9 @@ class Orthanc:
             self.process = None
 
     def get(self, path: str, timeout: float = 5.0) -> bytes:
-        return http_get(self.http_port, path, timeout)
+        return http_get(self.http_port, path, timeout, self.auth)
 
     def count(self) -> int:
         """Instances stored (/statistics); OSError when Orthanc does not answer."""
         return int(json.loads(self.get("/statistics"))["CountInstances"])
+

@@ -15,6 +15,7 @@ from node.config.schema import (
     ConfigError,
     Destination,
     DicomDestination,
+    DicomWebDestination,
     FolderDestination,
     HttpSettings,
     Limits,
@@ -23,11 +24,12 @@ from node.config.schema import (
     RetryPolicy,
     RoutingRule,
     TlsSettings,
+    WebAuth,
 )
 
 __all__ = [
     "DEFAULT_CONFIG_PATH", "DEFAULT_LAYOUT", "AcceptPolicy", "Config", "ConfigError",
-    "Destination", "DicomDestination", "FolderDestination", "HttpSettings", "Limits",
-    "NodeSettings", "Problem", "RetryPolicy", "RoutingRule", "TlsSettings", "load_config",
-    "parse_config", "parse_duration", "parse_size",
+    "Destination", "DicomDestination", "DicomWebDestination", "FolderDestination",
+    "HttpSettings", "Limits", "NodeSettings", "Problem", "RetryPolicy", "RoutingRule",
+    "TlsSettings", "WebAuth", "load_config", "parse_config", "parse_duration", "parse_size",
 ]  # fmt: skip

@@ -25,6 +25,7 @@ from node.config.schema import (
     ConfigError,
     Destination,
     DicomDestination,
+    DicomWebDestination,
     FolderDestination,
     HttpSettings,
     Limits,
@@ -33,6 +34,7 @@ from node.config.schema import (
     RetryPolicy,
     RoutingRule,
     TlsSettings,
+    WebAuth,
 )
 from node.config.targets import LOSSY_GUARDED, SyntaxError_, Target, TranscodeSpec, parse_target
 from node.vocabulary.syntaxes import lookup_syntax
@@ -182,8 +184,10 @@ _NODE_KEYS = {"ae_title", "host", "port", "spool", "workers", "spool_max_size", 
 _FOLDER_KEYS = {"type", "path", "layout", "retry", "transcode"}
 _DICOM_KEYS = {"type", "host", "port", "ae_title", "calling_ae_title", "timeout", "retry",
                "accept_syntaxes", "idle_timeout", "max_per_association", "tls",
-               "transcode"}  # fmt: skip
+               "transcode", "storage_commitment", "commitment_timeout"}  # fmt: skip
 _SEND_TO_KEYS = {"destination", "transcode"}
+_DICOMWEB_KEYS = {"type", "url", "auth", "max_batch", "max_batch_bytes", "timeout", "tls",
+                  "retry", "transcode"}  # fmt: skip
 _RETRY_KEYS = {"initial_delay", "max_delay", "give_up_after", "max_failures"}
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -216,6 +220,15 @@ def parse_size(value: Any) -> int:
                 if number >= 0:
                     return int(number * _SIZE_UNITS[unit])
     raise ValueError(f"expected a size (bytes, or e.g. 500MB, 20GiB), got {value!r}")
+
+
+def _positive_duration(c: _Checker, m: _LineDict, key: str, where: str, default: float) -> float:
+    """m[key] as a duration above 0 seconds, or `default` (with the problem recorded)."""
+    value = c.converted(m, key, where, parse_duration, default)
+    if value <= 0:
+        c.error(m.key_lines[key], f"{where}.{key}: must be above 0")
+        return default
+    return value
 
 
 _RULE_KEYS = {"name", "match", "transcode", "send_to"}
@@ -416,12 +429,68 @@ def _parse_destination(
             max_per_association=c.integer(m, "max_per_association", where, 0, 0, 1_000_000),
             tls=_parse_tls(c, m, where, base, server=False),
             transcode=own,
+            storage_commitment=c.boolean(m, "storage_commitment", where, False),
+            commitment_timeout=_positive_duration(c, m, "commitment_timeout", where, 3600.0),
         )
+    if kind == "dicomweb":
+        return _parse_dicomweb(c, name, m, base, own)
     c.error(
         m.key_lines.get("type", m.line),
-        f"{where}.type: expected 'folder' or 'dicom', got {_describe(kind)}",
+        f"{where}.type: expected 'folder', 'dicom' or 'dicomweb', got {_describe(kind)}",
     )
     return None
+
+
+def _parse_dicomweb(
+    c: _Checker, name: str, m: _LineDict, base: Path, own: TranscodeSpec | None
+) -> DicomWebDestination:
+    where = f"destinations.{name}"
+    c.keys(m, where, _DICOMWEB_KEYS, {"type", "url"})
+    url = c.string(m, "url", where, "").rstrip("/")
+    if "url" in m and not url.startswith(("http://", "https://")):
+        c.error(m.key_lines["url"], f"{where}.url: expected an http:// or https:// URL "
+                f"(the DICOMweb root; STOW-RS posts to URL/studies), got {url!r}")  # fmt: skip
+    return DicomWebDestination(
+        name=name,
+        url=url,
+        auth=_parse_web_auth(c, m, where, base),
+        max_batch=c.integer(m, "max_batch", where, 50, 1, 10_000),
+        max_batch_bytes=c.converted(m, "max_batch_bytes", where, parse_size, 256 << 20),
+        timeout=c.converted(m, "timeout", where, parse_duration, 60.0) or 60.0,
+        tls=_parse_tls(c, m, where, base, server=False),
+        retry=_parse_retry(c, m, where),
+        transcode=own,
+    )
+
+
+def _parse_web_auth(c: _Checker, parent: _LineDict, where: str, base: Path) -> WebAuth | None:
+    """{bearer_token_file: F} or {username: U, password_file: F}; the files must exist now."""
+    if "auth" not in parent:
+        return None
+    where = f"{where}.auth"
+    m = c.mapping(parent["auth"], parent.key_lines["auth"], where)
+    if m is None:
+        return None
+    c.keys(m, where, {"bearer_token_file", "username", "password_file"}, set())
+
+    def path(key: str) -> Path | None:
+        if key not in m:
+            return None
+        found = (base / c.string(m, key, where)).resolve()
+        if not found.is_file():
+            c.error(m.key_lines[key], f"{where}.{key}: no such file: {found}")
+        return found
+
+    auth = WebAuth(path("bearer_token_file"), c.string(m, "username", where) or None,
+                   path("password_file"))  # fmt: skip
+    basic = auth.username is not None or auth.password_file is not None
+    if auth.bearer_token_file is not None and basic:
+        c.error(m.line, f"{where}: either bearer_token_file, or username and password_file")
+    elif basic and (auth.username is None or auth.password_file is None):
+        c.error(m.line, f"{where}: username and password_file go together")
+    elif not basic and auth.bearer_token_file is None:
+        c.error(m.line, f"{where}: name bearer_token_file, or username and password_file")
+    return auth
 
 
 def _parse_target(c: _Checker, raw: Any, line: int, where: str) -> Target | None:

@@ -98,9 +98,38 @@ class DicomDestination:
     max_per_association: int = 0  # instances before a new association; 0 = no limit
     tls: TlsSettings | None = None
     transcode: TranscodeSpec | None = None  # its own default output (see RoutingRule.outputs)
+    # Storage Commitment (Push Model): N-ACTION after the C-STOREs; an instance is delivered
+    # only once an N-EVENT-REPORT commits it. No report within commitment_timeout: asked again.
+    storage_commitment: bool = False
+    commitment_timeout: float = 3600.0  # seconds
 
 
-Destination = FolderDestination | DicomDestination
+@dataclass(frozen=True)
+class WebAuth:
+    """HTTP credentials, each read from a file (and read again when the file changes): a bearer
+    token, or a user name and a password (basic authentication)."""
+
+    bearer_token_file: Path | None = None
+    username: str | None = None
+    password_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class DicomWebDestination:
+    """A DICOMweb archive: STOW-RS (PS3.18 10.5) POSTs to {url}/studies."""
+
+    name: str
+    url: str  # the DICOMweb root, without a trailing slash
+    auth: WebAuth | None = None
+    max_batch: int = 50  # instances per request
+    max_batch_bytes: int = 256 << 20  # bytes of instances per request (one larger goes alone)
+    timeout: float = 60.0  # seconds to connect, and between bytes sent or received
+    tls: TlsSettings | None = None  # `ca` to verify the server (default: the system's CAs)
+    retry: RetryPolicy = RetryPolicy()
+    transcode: TranscodeSpec | None = None  # its own default output (see RoutingRule.outputs)
+
+
+Destination = FolderDestination | DicomDestination | DicomWebDestination
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@ destination), in SQLite (WAL, synchronous FULL) inside the spool, so queue state
 kill -9 and power loss together with the files.
 
 An entry (a received instance) is forgotten only when no destination still has any of its
-outputs pending;
-what a destination gave up on is kept in the dead-letter folder, never deleted.
+outputs pending or awaiting commitment (a DICOM destination with Storage Commitment holds what
+it sent until the peer's N-EVENT-REPORT commits it); what a destination gave up on is kept in
+the dead-letter folder, never deleted.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ log = logging.getLogger("dicom_node.deliver")
 # The schema's version is the file's `PRAGMA user_version`. A queue of an older version is
 # migrated when it is opened for writing, in one transaction with the new version number (a
 # crash leaves it as it was); a newer one is refused (QueueVersionError).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Version 1. An entry's outputs are numbered from 0 (today processing makes one); each delivery
 # says which output it sends. A delivery row is self-contained (the file, its SOP class and
@@ -57,7 +58,40 @@ _SCHEMA_V1 = (
     "CREATE INDEX deliveries_due ON deliveries (destination, state, next_attempt)",
     "CREATE INDEX deliveries_entry ON deliveries (entry, state)",
 )
-_SCHEMA = _SCHEMA_V1  # what a new queue is created with: version SCHEMA_VERSION
+
+# Version 2: a delivery may await Storage Commitment. The peer has it (C-STORE answered), the
+# node asked it to commit it (N-ACTION, transaction_uid) and holds it until an N-EVENT-REPORT
+# says it did; a failed reference goes back to pending. commit_due: when the request is (re)sent.
+_DELIVERIES_V2 = (
+    """CREATE TABLE deliveries (
+    id INTEGER PRIMARY KEY,
+    entry TEXT NOT NULL,
+    output INTEGER NOT NULL,         -- which of the entry's outputs it sends (outputs.output)
+    destination TEXT NOT NULL,
+    path TEXT NOT NULL,              -- the file to send: the output, or its dead-letter copy
+    relpath TEXT,                    -- where the destination puts it, for types that lay out files
+    sop_class TEXT NOT NULL,
+    syntax TEXT NOT NULL,
+    enqueued REAL NOT NULL,
+    next_attempt REAL NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,   -- every failed try
+    failures INTEGER NOT NULL DEFAULT 0,   -- refusals that are not transient
+    last_error TEXT,
+    state TEXT NOT NULL DEFAULT 'pending', -- pending | awaiting-commitment | dead
+    sop_instance TEXT,               -- awaiting-commitment: the SOP Instance UID the peer got
+    transaction_uid TEXT,            -- awaiting-commitment: the Storage Commitment request
+    commit_due REAL                  -- awaiting-commitment: when the request is (re)sent
+)""",
+    "CREATE INDEX deliveries_due ON deliveries (destination, state, next_attempt)",
+    "CREATE INDEX deliveries_entry ON deliveries (entry, state)",
+    "CREATE INDEX deliveries_transaction ON deliveries (transaction_uid)",
+)
+_SCHEMA_V2 = (*_SCHEMA_V1[:2], *_DELIVERIES_V2)  # entries and outputs as in version 1
+_SCHEMA = _SCHEMA_V2  # what a new queue is created with: version SCHEMA_VERSION
+_V1_DELIVERY_COLUMNS = (
+    "id, entry, output, destination, path, relpath, sop_class, syntax, enqueued, next_attempt,"
+    " attempts, failures, last_error, state"
+)
 
 # _MIGRATIONS[n] takes a queue from version n to n + 1. Each step names the tables of the
 # version it makes itself (never _SCHEMA, which moves on), so a migrated queue and a new one
@@ -80,6 +114,16 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " next_attempt, attempts, failures, last_error, state FROM deliveries_v0",
         "DROP TABLE entries_v0",
         "DROP TABLE deliveries_v0",
+    ),
+    # 1 -> 2: deliveries get the Storage Commitment columns (NULL: nothing awaits commitment)
+    (
+        "ALTER TABLE deliveries RENAME TO deliveries_v1",
+        "DROP INDEX deliveries_due",
+        "DROP INDEX deliveries_entry",
+        *_DELIVERIES_V2,
+        f"INSERT INTO deliveries ({_V1_DELIVERY_COLUMNS})"
+        f" SELECT {_V1_DELIVERY_COLUMNS} FROM deliveries_v1",
+        "DROP TABLE deliveries_v1",
     ),
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION
@@ -107,6 +151,16 @@ class Delivery:
 
 
 _DELIVERY_COLUMNS = ", ".join(f.name for f in fields(Delivery))  # deliveries columns, in order
+AWAITING = "awaiting-commitment"  # the state of a delivery held until the peer commits it
+
+
+@dataclass(frozen=True)
+class Awaiting:
+    """A delivery the peer has, held until it commits it (Storage Commitment)."""
+
+    delivery: Delivery
+    sop_instance: str  # the SOP Instance UID the peer got (the output's own)
+    transaction_uid: str  # the request that asked for it
 
 
 @dataclass(frozen=True)
@@ -146,6 +200,7 @@ class DestinationStats:
     retries: int
     dead: int
     last_error: str | None
+    awaiting: int = 0  # the peer has them; held until it commits them (Storage Commitment)
 
 
 class DeliveryQueue:
@@ -287,26 +342,101 @@ class DeliveryQueue:
             return value
 
     def expired(self, destination: str, enqueued_before: float) -> list[Delivery]:
+        """Deliveries still not delivered (pending, or awaiting commitment) enqueued before."""
         with self._lock:
             rows = self._db.execute(
                 f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE destination = ?"
-                " AND state = 'pending' AND enqueued < ? ORDER BY id",
+                " AND state != 'dead' AND enqueued < ? ORDER BY id",
                 (destination, enqueued_before),
             )
             return [Delivery(*row) for row in rows]
 
     def failed(self, d: Delivery, error: str, next_attempt: float, failure: bool) -> None:
+        """A failed try: `d` is pending again (also one that awaited commitment and was not
+        committed), due at `next_attempt`."""
         self._tx(
             lambda db: db.execute(
                 "UPDATE deliveries SET attempts = attempts + 1, failures = failures + ?,"
-                " next_attempt = ?, last_error = ? WHERE id = ?",
+                " next_attempt = ?, last_error = ?, state = 'pending', sop_instance = NULL,"
+                " transaction_uid = NULL, commit_due = NULL WHERE id = ?",
                 (int(failure), next_attempt, error, d.id),
             )
         )
 
+    # --- Storage Commitment ------------------------------------------------------------------
+
+    def await_commitment(
+        self, held: list[tuple[Delivery, str]], transaction_uid: str, due: float
+    ) -> None:
+        """The peer has these (delivery, SOP Instance UID it got): hold them, awaiting
+        commitment under `transaction_uid`, whose request is (re)sent at `due`; one commit."""
+        self._tx(
+            lambda db: db.executemany(
+                f"UPDATE deliveries SET state = '{AWAITING}', sop_instance = ?,"
+                " transaction_uid = ?, commit_due = ? WHERE id = ?",
+                [(sop_instance, transaction_uid, due, d.id) for d, sop_instance in held],
+            )
+        )
+
+    def commitment_requested(self, old_uid: str, new_uid: str, due: float) -> None:
+        """The deliveries awaiting under `old_uid` were asked again as `new_uid`; if nothing
+        answers, the request is sent again at `due`."""
+        self._tx(
+            lambda db: db.execute(
+                "UPDATE deliveries SET transaction_uid = ?, commit_due = ?"
+                f" WHERE transaction_uid = ? AND state = '{AWAITING}'",
+                (new_uid, due, old_uid),
+            )
+        )
+
+    def awaiting(self, transaction_uid: str) -> list[Awaiting]:
+        """What awaits commitment under `transaction_uid` (of whichever destination)."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_DELIVERY_COLUMNS}, sop_instance, transaction_uid FROM deliveries"
+                f" WHERE transaction_uid = ? AND state = '{AWAITING}' ORDER BY id",
+                (transaction_uid,),
+            )
+            return [_awaiting(row) for row in rows]
+
+    def commitments_due(self, destination: str, now: float) -> dict[str, list[Awaiting]]:
+        """The destination's commitment requests to (re)send now, by transaction UID."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_DELIVERY_COLUMNS}, sop_instance, transaction_uid FROM deliveries"
+                f" WHERE destination = ? AND state = '{AWAITING}' AND commit_due <= ?"
+                " ORDER BY id",
+                (destination, now),
+            ).fetchall()
+        due: dict[str, list[Awaiting]] = {}
+        for row in rows:
+            held = _awaiting(row)
+            due.setdefault(held.transaction_uid, []).append(held)
+        return due
+
+    def next_commitment_due(self, destination: str) -> float | None:
+        with self._lock:
+            (value,) = self._db.execute(
+                "SELECT min(commit_due) FROM deliveries WHERE destination = ?"
+                f" AND state = '{AWAITING}'",
+                (destination,),
+            ).fetchone()
+            return value
+
+    def request_all_commitments_now(self, destination: str, now: float) -> int:
+        """Every request of the destination is due now (its worker starts: whatever the peer
+        reported while the node was down was lost). How many deliveries await."""
+        return self._tx(
+            lambda db: db.execute(
+                "UPDATE deliveries SET commit_due = ? WHERE destination = ?"
+                f" AND state = '{AWAITING}' AND commit_due > ?",
+                (now, destination, now),
+            ).rowcount
+        )
+
     def delivered_all(self, ds: list[Delivery]) -> list[FinishedEntry]:
-        """Remove the rows, in one transaction (one commit, one fsync); the entries whose last
-        pending delivery this was."""
+        """Remove the rows (pending, or committed by the peer), in one transaction (one commit,
+        one fsync); the entries whose last delivery still to be made this was."""
 
         def settle_all(db) -> list[FinishedEntry]:
             settled = (self._settle(db, d, "DELETE FROM deliveries WHERE id = ?", ()) for d in ds)
@@ -315,14 +445,15 @@ class DeliveryQueue:
         return self._tx(settle_all)
 
     def dead(self, d: Delivery, dead_path: str, error: str) -> FinishedEntry | None:
-        sql = "UPDATE deliveries SET state = 'dead', path = ?, last_error = ? WHERE id = ?"
+        sql = ("UPDATE deliveries SET state = 'dead', path = ?, last_error = ?,"
+               " sop_instance = NULL, transaction_uid = NULL, commit_due = NULL WHERE id = ?")
         return self._tx(lambda db: self._settle(db, d, sql, (dead_path, error)))
 
     @staticmethod
     def _settle(db, d: Delivery, sql: str, params: tuple) -> FinishedEntry | None:
         db.execute(sql, (*params, d.id))
-        (left,) = db.execute(
-            "SELECT count(*) FROM deliveries WHERE entry = ? AND state = 'pending'", (d.entry,)
+        (left,) = db.execute(  # pending, or awaiting commitment: the entry is still needed
+            "SELECT count(*) FROM deliveries WHERE entry = ? AND state != 'dead'", (d.entry,)
         ).fetchone()
         if left:
             return None
@@ -346,15 +477,20 @@ class DeliveryQueue:
                     "SELECT count(*) FROM deliveries WHERE destination = ? AND state = 'dead'",
                     (name,),
                 ).fetchone()
+                (awaiting,) = self._db.execute(
+                    "SELECT count(*) FROM deliveries WHERE destination = ?"
+                    f" AND state = '{AWAITING}'",
+                    (name,),
+                ).fetchone()
                 last = self._db.execute(
                     "SELECT last_error FROM deliveries WHERE destination = ? AND last_error"
                     " IS NOT NULL ORDER BY id DESC LIMIT 1",
                     (name,),
                 ).fetchone()
                 age = now - oldest if oldest is not None else None
-                result.append(
-                    DestinationStats(name, pending, age, retries, dead, last[0] if last else None)
-                )
+                result.append(DestinationStats(
+                    name, pending, age, retries, dead, last[0] if last else None, awaiting
+                ))  # fmt: skip
         return result
 
     def retry_dead(self, destination: str) -> int:
@@ -380,6 +516,11 @@ class DeliveryQueue:
 def _user_version(db) -> int:
     (version,) = db.execute("PRAGMA user_version").fetchone()
     return version
+
+
+def _awaiting(row: tuple) -> Awaiting:
+    *delivery, sop_instance, transaction_uid = row
+    return Awaiting(Delivery(*delivery), sop_instance, transaction_uid)
 
 
 def _finished(db, entry: str, incoming: str) -> FinishedEntry:

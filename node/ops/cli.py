@@ -84,13 +84,12 @@ def _queue(args: argparse.Namespace) -> int:
     queue = DeliveryQueue(path, readonly=True)
     rows = queue.stats(list(config.destinations))
     queue.close()
-    print(
-        f"{'destination':<20} {'pending':>8} {'oldest':>10} {'retries':>8} {'dead':>6}  last error"
-    )
+    print(f"{'destination':<20} {'pending':>8} {'oldest':>10} {'retries':>8} {'dead':>6}"
+          f" {'awaiting-commitment':>19}  last error")  # fmt: skip
     for s in rows:
         age = "-" if s.oldest_age is None else _age(s.oldest_age)
-        print(f"{s.destination:<20} {s.pending:>8} {age:>10} {s.retries:>8} {s.dead:>6}  "
-              f"{s.last_error or ''}")  # fmt: skip
+        print(f"{s.destination:<20} {s.pending:>8} {age:>10} {s.retries:>8} {s.dead:>6}"
+              f" {s.awaiting:>19}  {s.last_error or ''}")  # fmt: skip
     return 0
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 
-from node.config import Config, DicomDestination, FolderDestination, RoutingRule
+from node.config import Config, Destination, DicomWebDestination, FolderDestination, RoutingRule
 from node.config.targets import TranscodeSpec
 from node.deliver.destinations.folder import layout_path
 from node.route import Arrival, select_rule
@@ -37,9 +37,11 @@ def _describe_spec(spec: TranscodeSpec) -> str:
     return " then ".join(t.describe() for t in spec.candidates)
 
 
-def describe_destination(dest: FolderDestination | DicomDestination) -> str:
+def describe_destination(dest: Destination) -> str:
     if isinstance(dest, FolderDestination):
         return f"{dest.name}: folder {dest.path} layout {dest.layout}"
+    if isinstance(dest, DicomWebDestination):
+        return f"{dest.name}: DICOMweb STOW-RS {dest.url}/studies (batches of {dest.max_batch})"
     return (
         f"{dest.name}: DICOM {dest.ae_title}@{dest.host}:{dest.port} (as {dest.calling_ae_title})"
     )
@@ -129,10 +131,11 @@ def _result_lines(
             )
     for name in names:
         dest = config.destinations[name]
-        where = (
-            f"{dest.path / str(layout_path(dest.layout, out))}"
-            if isinstance(dest, FolderDestination)
-            else f"{dest.ae_title}@{dest.host}:{dest.port}"
-        )
+        if isinstance(dest, FolderDestination):
+            where = f"{dest.path / str(layout_path(dest.layout, out))}"
+        elif isinstance(dest, DicomWebDestination):
+            where = f"{dest.url}/studies"
+        else:
+            where = f"{dest.ae_title}@{dest.host}:{dest.port}"
         lines.append(f"deliver: {name} -> {where}")
     return lines

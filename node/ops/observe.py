@@ -70,11 +70,17 @@ class QueueCollector:
         )  # fmt: skip
         dead = GaugeMetricFamily("dicom_node_dead_letters", "Dead-lettered instances",
                                  labels=["destination"])  # fmt: skip
+        awaiting = GaugeMetricFamily(
+            "dicom_node_queue_awaiting_commitment",
+            "Instances the destination has, held until it commits them (Storage Commitment)",
+            labels=["destination"],
+        )  # fmt: skip
         for s in self.stats():
             depth.add_metric([s.destination], s.pending)
             oldest.add_metric([s.destination], s.oldest_age or 0.0)
             dead.add_metric([s.destination], s.dead)
-        yield from (depth, oldest, dead)
+            awaiting.add_metric([s.destination], s.awaiting)
+        yield from (depth, oldest, dead, awaiting)
 
 
 class ObservabilityServer:

@@ -80,11 +80,16 @@ class Service:
         self.spool = Spool(node.spool, node.spool_max_size, node.spool_min_free)
         self.spool.save_config(config)
         self.pipeline = Pipeline(config, self.spool)
-        self.scp = StorageSCP(config, self.spool, self.pipeline.submit)
+        self.scp = self._storage_scp(config)
         self.http: ObservabilityServer | None = None
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._file_state = self._stat()
+
+    def _storage_scp(self, config: Config) -> StorageSCP:
+        """The listener: spooled instances go to the pipeline, and so do the Storage
+        Commitment reports a peer sends on an association it opens."""
+        return StorageSCP(config, self.spool, self.pipeline.submit, self.pipeline.commitment_report)
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -224,14 +229,14 @@ class Service:
                  before.ae_title, before.host, before.port,
                  after.ae_title, after.host, after.port)  # fmt: skip
         self.scp.stop(STOP_DEADLINE)
-        scp = StorageSCP(new, self.spool, self.pipeline.submit)
+        scp = self._storage_scp(new)
         try:
             scp.start()
         except OSError as exc:
             log.error("reload: cannot listen on %s:%d (%s); listening as before",
                       after.host, after.port, exc.strerror)  # fmt: skip
             self.pipeline.apply(old)
-            self.scp = StorageSCP(old, self.spool, self.pipeline.submit)
+            self.scp = self._storage_scp(old)
             self.scp.start()
             return False
         self.scp = scp

@@ -6,6 +6,10 @@ answered Success; nothing here decodes pixels.
 pynetdicom negotiates, releases and answers C-ECHO; C-STORE requests never reach its DIMSE
 layer (c_store.py serves them in the socket's thread). Were one to, pynetdicom's default
 handler would answer it with a failure status, never Success.
+
+It also takes Storage Commitment reports (N-EVENT-REPORT, Push Model) that a destination's
+peer sends on an association it opens to the node, and hands them on (`on_commitment`: the
+pipeline, which finds the destination by the report's Transaction UID).
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from pynetdicom.sop_class import Verification, register_uid, uid_to_service_clas
 
 from node import pynetdicom_patches
 from node.config import Config
-from node.deliver.destinations.dicom import set_nodelay
+from node.deliver.commitment import STORAGE_COMMITMENT_PUSH_MODEL, OnReport
+from node.deliver.destinations.dicom import answer_report, set_nodelay
 from node.ops import observe as metrics
 from node.pynetdicom_patches import (
     association_request,
@@ -77,11 +82,28 @@ def _verification_only(primitive) -> bool:
     return bool(proposed) and all(cx.abstract_syntax == Verification for cx in proposed)
 
 
+def _commitment_only(primitive) -> bool:
+    """An association that proposes Storage Commitment (and perhaps Verification), nothing
+    else: a peer bringing the report of a commitment the node asked for."""
+    proposed = primitive.presentation_context_definition_list
+    syntaxes = {cx.abstract_syntax for cx in proposed}
+    return STORAGE_COMMITMENT_PUSH_MODEL in syntaxes and syntaxes <= {
+        STORAGE_COMMITMENT_PUSH_MODEL, Verification
+    }
+
+
 class StorageSCP:
-    def __init__(self, config: Config, spool: Spool, on_stored: Callable[[SpoolEntry], None]):
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        on_stored: Callable[[SpoolEntry], None],
+        on_commitment: OnReport | None = None,
+    ):
         self.config = config
         self.spool = spool
         self.on_stored = on_stored
+        self.on_commitment = on_commitment  # settles a Storage Commitment report
         self._server = None
         _register_unknown_storage_classes()
         ae = AE(ae_title=config.node.ae_title)
@@ -106,6 +128,10 @@ class StorageSCP:
         for uid in storage_sop_classes():
             ae.add_supported_context(uid, syntaxes)
         ae.add_supported_context(Verification)
+        # Storage Commitment reports from peers: the peer (the commitment SCP) may propose
+        # the SCP role for itself (role selection), or nothing (default roles); either is fine
+        ae.add_supported_context(STORAGE_COMMITMENT_PUSH_MODEL, ["1.2.840.10008.1.2.1",
+                                 "1.2.840.10008.1.2"], scu_role=True, scp_role=True)  # fmt: skip
         self.ae = ae
         # an association thread not started yet (ident None) is open too
         self.connections = ConnectionSlots(
@@ -119,6 +145,7 @@ class StorageSCP:
             (evt.EVT_CONN_OPEN, self._on_connection),
             (evt.EVT_CONN_CLOSE, self._on_connection_closed),
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
+            (evt.EVT_N_EVENT_REPORT, self._on_event_report),
         ]
         context = server_context(node.tls) if node.tls is not None else None
         self._server = self.ae.start_server(
@@ -189,13 +216,14 @@ class StorageSCP:
         calling = primitive.calling_ae_title.strip()
         called = primitive.called_ae_title.strip()
         address = event.assoc.requestor.address
+        reporter = _commitment_only(primitive) and self._commitment_peer(calling, called)
         if not accept.allows_address(address):
             refusal = ("network", 0x01, f"address {address} is outside accept.networks")
         elif not any(fnmatchcase(calling, p) for p in accept.calling_aets) and not (
             accept.echo_any_aet and _verification_only(primitive)
-        ):
+        ) and not reporter:
             refusal = ("calling-aet", 0x03, "calling AE title not allowed")
-        elif not any(fnmatchcase(called, p) for p in accept.called_aets):
+        elif not any(fnmatchcase(called, p) for p in accept.called_aets) and not reporter:
             refusal = ("called-aet", 0x07, f"called AE title {called!r} is not this node's")
         else:
             busy = sum(1 for a in self.ae.active_associations if a.is_acceptor and a.is_established)
@@ -212,6 +240,22 @@ class StorageSCP:
         log.warning("rejected association from %s (%s) to %s: %s", calling, address, called, why)
         metrics.REJECTED_ASSOCIATIONS.labels(kind).inc()
         _reject(event.assoc, 0x01, 0x01, reason)
+
+    def _commitment_peer(self, calling: str, called: str) -> bool:
+        """Whether `calling` is the AE title of a destination that asks for Storage
+        Commitment, calling the title the node sends it from: its reports are let in
+        (networks and limits still apply; such an association can carry nothing else)."""
+        return any(
+            getattr(dest, "storage_commitment", False)
+            and dest.ae_title == calling
+            and called in (dest.calling_ae_title, self.config.node.ae_title)
+            for dest in self.config.destinations.values()
+        )
+
+    def _on_event_report(self, event) -> tuple[int, None]:
+        """A Storage Commitment report on an association a peer opened (pynetdicom's thread)."""
+        calling = event.assoc.requestor.ae_title.strip()
+        return answer_report(calling, event, self.on_commitment), None
 
     def store_received(self, received: Path, size: int, calling: str) -> int:
         """Spool a received file in the spool's tmp/ (its Part 10 header, with the AE titles

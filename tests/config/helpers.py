@@ -125,8 +125,8 @@ SEVERAL_PROBLEMS_EXPECTED = [
     "2: node.port: expected a whole number from 0 to 65535, got int 99999",
     "8: destinations.archive.layout: '{Bogus}' is not a DICOM keyword",
     "14: destinations.pacs: unknown key 'colour'; "
-    "allowed: accept_syntaxes, ae_title, calling_ae_title, host, idle_timeout, "
-    "max_per_association, port, retry, timeout, tls, transcode, type",
+    "allowed: accept_syntaxes, ae_title, calling_ae_title, commitment_timeout, host, idle_timeout, "
+    "max_per_association, port, retry, storage_commitment, timeout, tls, transcode, type",
     "17: rule 'ct'.match: 'Modalty' is not a DICOM keyword (nor CallingAET / CalledAET)",
     "18: rule 'ct'.transcode: JPEG2000 needs exactly one of j2k_cr or j2k_psnr",
     "19: rule 'ct'.send_to: undefined destination 'nowhere' (known: archive, pacs)",

@@ -176,7 +176,10 @@ def test_unknown_destination_type_is_reported(kind, shown):
           - name: r
             send_to: [archive]
         """
-    ) == [f"node.yaml:4: destinations.nas.type: expected 'folder' or 'dicom', got {shown}"]
+    ) == [
+        f"node.yaml:4: destinations.nas.type: expected 'folder', 'dicom' or 'dicomweb', "
+        f"got {shown}"
+    ]
 
 
 def test_destination_that_is_not_a_mapping_is_reported():

@@ -112,8 +112,9 @@ def test_unknown_key_in_a_dicom_destination_suggests_the_close_one():
     ) == [
         "node.yaml:7: destinations.pacs: unknown key 'calling_aet' "
         "(did you mean 'calling_ae_title'?); "
-        "allowed: accept_syntaxes, ae_title, calling_ae_title, host, idle_timeout, "
-        "max_per_association, port, retry, timeout, tls, transcode, type"
+        "allowed: accept_syntaxes, ae_title, calling_ae_title, commitment_timeout, host, "
+        "idle_timeout, max_per_association, port, retry, storage_commitment, timeout, tls, "
+        "transcode, type"
     ]
 
 

@@ -27,6 +27,7 @@ from node.deliver.destinations import (
     type_for,
 )
 from node.deliver.destinations import folder as folder_type
+from node.deliver.destinations.base import BATCH
 from node.deliver.queue import (
     Delivery,
     DeliveryQueue,
@@ -35,7 +36,7 @@ from node.deliver.queue import (
     NewEntry,
     NewOutput,
 )
-from node.deliver.worker import BATCH, DestinationWorker, backoff
+from node.deliver.worker import DestinationWorker, backoff
 from node.ops.observe import REGISTRY
 from node.spool import Spool
 from tests.conftest import wait_for

@@ -1,8 +1,9 @@
 """Destination types as plugins: one module per type (folder.py: a folder on a filesystem;
-dicom.py: a DICOM peer, over C-STORE), each a `DestinationType` (base.py) that serves one
-configuration class of node/config/schema.py. Registering one is one entry in REGISTERED; the
-destination workers (node/deliver/worker.py) and processing (node/transcode/process.py) read
-this registry, at the time they ask, and know no type by name.
+dicom.py: a DICOM peer, over C-STORE; dicomweb.py: a DICOMweb archive, over STOW-RS), each a
+`DestinationType` (base.py) that serves one configuration class of node/config/schema.py.
+Registering one is one entry in REGISTERED; the destination workers (node/deliver/worker.py)
+and processing (node/transcode/process.py) read this registry, at the time they ask, and know
+no type by name.
 
 A new type is its module here and its configuration: a class in node/config/schema.py (and in
 its `Destination` union), parsed by node/config/parse.py.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from node.deliver.destinations import dicom, folder
+from node.deliver.destinations import dicom, dicomweb, folder
 from node.deliver.destinations.base import (
     Delivered,
     DeliveryError,
@@ -34,6 +35,7 @@ __all__ = [
 REGISTERED: tuple[DestinationType, ...] = (
     folder.TYPE,
     dicom.TYPE,
+    dicomweb.TYPE,
 )
 
 

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from node.deliver.queue import Delivery
 
 
+BATCH = 32  # a session's batch_size unless its type says otherwise
+
+
 class DeliveryError(Exception):
     """The destination did not take the instance; `retryable` says whether trying later may help."""
 
@@ -59,6 +62,9 @@ class DestinationSession(Protocol):
     # Seconds the worker lets work gather after a batch smaller than it could take, so that
     # the next batch is fuller (a folder commits a batch as a group); 0: it does not wait.
     gather: float = 0.0
+    # Deliveries handed to `deliver` at once, at most (it may look ahead: dicom.py proposes the
+    # batch's SOP classes and syntaxes when it opens an association)
+    batch_size: int = BATCH
 
     def deliver(self, batch: Sequence[Delivery], stopping: Callable[[], bool]) -> Iterator[Result]:
         """Send `batch`, in order, yielding each result as soon as it is final (a result may
@@ -71,6 +77,11 @@ class DestinationSession(Protocol):
         """Whether `error` means "not now" (the worker backs off and the whole destination
         waits; not counted against max_failures) rather than a refusal of these instances."""
         return isinstance(error, DeliveryError) and error.retryable
+
+    def wait_at_least(self, error: Exception) -> float:
+        """Seconds the destination asked to be left alone after `error` (HTTP Retry-After);
+        the worker waits that long or its backoff, whichever is longer."""
+        return float(getattr(error, "retry_after", None) or 0.0)
 
     def close_if_idle(self) -> None:
         """Nothing is due: release what has not been used for too long (an association)."""
