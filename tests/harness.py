@@ -258,3 +258,83 @@ class Orthanc:
         """Instances stored (/statistics); OSError when Orthanc does not answer."""
         return int(json.loads(self.get("/statistics"))["CountInstances"])
 
+
+# --- HAProxy -------------------------------------------------------------------------------
+
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+HAPROXY_CFG = Path(__file__).resolve().parent.parent / "deploy" / "haproxy" / "haproxy.cfg"
+HAPROXY_SERVERS = 3  # server lines in deploy/haproxy/haproxy.cfg (node1..node3)
+
+
+class HAProxy:
+    """HAProxy (the Debian package) running deploy/haproxy/haproxy.cfg as shipped, its
+    addresses from the environment: the frontend on `port`, the nodes at (DICOM port, HTTP
+    port) on 127.0.0.1. Fewer nodes than the file's servers: the others point at a port
+    nothing listens on, and stay DOWN."""
+
+    error: type[Exception] = AssertionError
+
+    def __init__(
+        self, root: Path, port: int, nodes: list[tuple[int, int]], procs: Processes | None = None
+    ):
+        if not 1 <= len(nodes) <= HAPROXY_SERVERS:
+            raise ValueError(f"1 to {HAPROXY_SERVERS} nodes, not {len(nodes)}")
+        self.root, self.port, self.nodes = root, port, nodes
+        self.procs = procs or Processes()
+        self.socket = root / "haproxy.sock"
+        self.log = root / "haproxy.log"
+        self.process: subprocess.Popen | None = None
+        dead = free_port()  # for the servers this run has no node for
+        self.env = {**os.environ, "DICOM_BIND": f"127.0.0.1:{port}",
+                    "STATS_SOCKET": str(self.socket)}  # fmt: skip
+        for i in range(HAPROXY_SERVERS):
+            dicom, http = nodes[i] if i < len(nodes) else (dead, dead)
+            self.env[f"NODE{i + 1}"] = f"127.0.0.1:{dicom}"
+            self.env[f"NODE{i + 1}_HTTP"] = str(http)
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Start it and wait until every node it has is UP."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.process = self.procs.start([HAPROXY, "-db", "-f", str(HAPROXY_CFG)], self.log,
+                                        cwd=self.root, env=self.env)  # fmt: skip
+        for i in range(len(self.nodes)):
+            self.wait_status(f"node{i + 1}", "UP", timeout)
+
+    def stats(self) -> dict[str, dict[str, str]]:
+        """`show stat` on the admin socket: the backend's servers, by name."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(str(self.socket))
+            s.sendall(b"show stat\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        lines = data.decode().splitlines()
+        header = lines[0].lstrip("# ").split(",")
+        rows = [dict(zip(header, line.split(","), strict=False)) for line in lines[1:] if line]
+        return {r["svname"]: r for r in rows if r.get("pxname") == "nodes"}
+
+    def status(self, server: str) -> str:
+        """UP, DOWN, ... (a server going down or up shows e.g. 'UP 1/2')."""
+        try:
+            return self.stats()[server]["status"]
+        except (OSError, KeyError, IndexError):
+            return ""
+
+    def wait_status(self, server: str, status: str, timeout: float = START_TIMEOUT) -> None:
+        def reached() -> bool:
+            if self.process is not None and self.process.poll() is not None:
+                raise self.error(f"haproxy exited with {self.process.returncode}:\n"
+                                 f"{tail(self.log)}")  # fmt: skip
+            return self.status(server) == status
+
+        wait_for(reached, timeout, f"haproxy to see {server} {status}", error=self.error)
+
+    def sessions(self, server: str) -> int:
+        """Connections in progress to `server` (scur)."""
+        return int(self.stats()[server]["scur"] or 0)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.procs.stop(self.process, grace=5.0)
+            self.process = None

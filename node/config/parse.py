@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import replace
 from ipaddress import ip_network
@@ -180,7 +181,7 @@ def _describe(value: Any) -> str:
 
 
 _NODE_KEYS = {"ae_title", "host", "port", "spool", "workers", "spool_max_size", "spool_min_free",
-              "log_patient_names", "tls"}  # fmt: skip
+              "log_patient_names", "tls", "name", "draining"}  # fmt: skip
 _FOLDER_KEYS = {"type", "path", "layout", "retry", "transcode"}
 _DICOM_KEYS = {"type", "host", "port", "ae_title", "calling_ae_title", "timeout", "retry",
                "accept_syntaxes", "idle_timeout", "max_per_association", "tls",
@@ -248,6 +249,8 @@ def _parse_node(c: _Checker, raw: _LineDict, base: Path) -> NodeSettings:
         spool_min_free=c.converted(raw, "spool_min_free", "node", parse_size, 1 << 30),
         log_patient_names=c.boolean(raw, "log_patient_names", "node", False),
         tls=_parse_tls(c, raw, "node", base, server=True),
+        name=c.string(raw, "name", "node", "") or socket.gethostname(),
+        draining=c.boolean(raw, "draining", "node", False),
     )
 
 

@@ -39,6 +39,10 @@ class NodeSettings:
     spool_min_free: int = 1 << 30  # bytes of free disk below which C-STOREs get 0xA700
     log_patient_names: bool = False  # PatientName/PatientID in the per-instance log line
     tls: TlsSettings | None = None  # None: plain TCP
+    name: str = ""  # this node in logs and metrics (default: the host name)
+    # /healthz answers 503 "draining" (a balancer sends new associations elsewhere) while the
+    # node serves the associations it has and keeps delivering; also `dicom-node drain`
+    draining: bool = False
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,35 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _drain(args: argparse.Namespace) -> int:
+    """Signal the node that serves this config's spool: SIGUSR1 drains, SIGUSR2 (--undo)
+    stops draining. It answers at once (its /healthz); the signal is all there is to it."""
+    import os
+    import signal
+
+    from node.ops.service import PID_FILE
+
+    config = _load_or_report(args.config)
+    if config is None:
+        return 2
+    pid_file = config.node.spool / PID_FILE
+    try:
+        pid = int(pid_file.read_text().split()[0])
+        # a stale pid file must not signal whatever process has that number now (SIGUSR1
+        # ends most programs): it must be a node serving
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if b"serve" not in command:
+            raise OSError(f"process {pid} is not a dicom-node serve")
+        os.kill(pid, signal.SIGUSR2 if args.undo else signal.SIGUSR1)
+    except (OSError, ValueError, IndexError) as exc:
+        print(f"no running node found for {config.node.spool} ({pid_file}: {exc})",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    what = "stops draining" if args.undo else "drains: /healthz answers 503 draining"
+    print(f"node {config.node.name} (pid {pid}) {what}")
+    return 0
+
+
 def _queue(args: argparse.Namespace) -> int:
     from node.deliver.queue import QUEUE_FILE, DeliveryQueue
 
@@ -124,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--called-aet", help="pretend they were sent to this AE title")
     p.add_argument("files", nargs="+")
     p.set_defaults(func=_explain)
+
+    p = sub.add_parser("drain", help="take the running node out of a balancer's rotation "
+                       "(/healthz 503 draining) while it finishes its work")  # fmt: skip
+    p.add_argument("-c", "--config")
+    p.add_argument("--undo", action="store_true", help="back in rotation")
+    p.set_defaults(func=_drain)
 
     p = sub.add_parser("queue", help="delivery queues per destination; 'retry DEST' re-queues "
                        "its dead letters (works while the node runs)")  # fmt: skip

@@ -53,10 +53,16 @@ RELOAD_OK = Gauge("dicom_node_config_last_reload_ok", "1 if the last reload was 
                   "0 if it was refused (the node runs the previous configuration)",
                   registry=REGISTRY)  # fmt: skip
 RELOAD_OK.set(1)
+INFO = Gauge("dicom_node_info", "1, labelled with this node's name (node.name) and version: "
+             "join on it to tell the nodes of a cluster apart", ["node", "version"],
+             registry=REGISTRY)  # fmt: skip
+DRAINING = Gauge("dicom_node_draining", "1 while the node drains (/healthz 503 draining)",
+                 registry=REGISTRY)  # fmt: skip
 
 
 class QueueCollector:
-    """Queue depth, oldest age and dead letters per destination, read at scrape time."""
+    """Queue depth, oldest age, dead letters and deliveries awaiting Storage Commitment per
+    destination, read at scrape time."""
 
     def __init__(self, stats: Callable[[], list]):
         self.stats = stats
@@ -95,7 +101,8 @@ class ObservabilityServer:
                     self._answer(200, generate_latest(registry), CONTENT_TYPE_LATEST)
                 elif self.path == "/healthz":
                     problem = check()
-                    body = (f"unhealthy: {problem}\n" if problem else "ok\n").encode()
+                    text = problem if problem == "draining" else f"unhealthy: {problem}"
+                    body = (f"{text}\n" if problem else "ok\n").encode()
                     self._answer(503 if problem else 200, body, "text/plain; charset=utf-8")
                 else:
                     self._answer(404, b"try /metrics or /healthz\n", "text/plain")
@@ -143,6 +150,17 @@ def spool_write_problem(directory: str) -> str | None:
     return None
 
 
+NODE_NAME = {"name": ""}  # this node's name (node.name) in every log record, set by the service
+
+
+class _NodeName(logging.Filter):
+    """Stamps each record with the node's name: one cluster's logs, merged, say which node."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.node = NODE_NAME["name"] or "-"
+        return True
+
+
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per line for log shippers; the per-instance line carries its fields
     (calling AE, SOP class, rule, syntaxes, sizes, ratio, ms, destinations) as keys."""
@@ -152,6 +170,7 @@ class JsonLogFormatter(logging.Formatter):
             "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
             "level": record.levelname,
             "logger": record.name,
+            "node": getattr(record, "node", None),
             "message": record.getMessage(),
             **getattr(record, "fields", {}),
         }
@@ -165,7 +184,10 @@ def configure_logging(verbose: bool, log_format: str = "text") -> None:
     if log_format == "json":
         handler.setFormatter(JsonLogFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(node)s %(levelname)s %(name)s: %(message)s")
+        )
+    handler.addFilter(_NodeName())
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     # The node logs each failure once, in its own words (with the retry delay); pynetdicom's
     # own ERROR lines and tracebacks for every refused retry would bury them. pydicom's

@@ -16,7 +16,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from node import pynetdicom_patches
+from node import __version__, pynetdicom_patches
 from node.config import Config, ConfigError, load_config
 from node.ops import observe as metrics
 from node.ops.observe import REGISTRY, ObservabilityServer, QueueCollector, spool_write_problem
@@ -28,6 +28,7 @@ log = logging.getLogger("dicom_node")
 
 WATCH_INTERVAL = 1.0  # seconds between looks at the config file
 SETTLE = 0.3  # a changed file must stay unchanged this long (editors write in steps)
+PID_FILE = "node.pid"  # in the spool, while the node runs
 STOP_DEADLINE = 30.0  # seconds running associations get to finish on stop or listener restart
 
 
@@ -84,7 +85,10 @@ class Service:
         self.http: ObservabilityServer | None = None
         self._stop = threading.Event()
         self._reload = threading.Event()
+        self._drain = threading.Event()  # `dicom-node drain` (SIGUSR1) until SIGUSR2 or a restart
+        self._shown_draining = False  # the draining state last logged and exported
         self._file_state = self._stat()
+        self._name(config)
 
     def _storage_scp(self, config: Config) -> StorageSCP:
         """The listener: spooled instances go to the pipeline, and so do the Storage
@@ -118,12 +122,16 @@ class Service:
         return True
 
     def run(self) -> int:
-        """Serve until SIGTERM/SIGINT; reload on SIGHUP or a changed file. Exit code."""
+        """Serve until SIGTERM/SIGINT; reload on SIGHUP or a changed file; drain on SIGUSR1
+        (`dicom-node drain`), stop draining on SIGUSR2. Exit code."""
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
         signal.signal(signal.SIGINT, lambda *_: self._stop.set())
         signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
+        signal.signal(signal.SIGUSR1, lambda *_: self._drain.set())  # /healthz sees it at once
+        signal.signal(signal.SIGUSR2, lambda *_: self._drain.clear())
         if not self.start():
             return 1
+        self._write_pid_file()
         watchdog = _watchdog_interval()
         next_ping = time.monotonic()
         while not self._stop.is_set():
@@ -133,6 +141,7 @@ class Service:
                 self.reload("SIGHUP")
             elif self._file_changed():
                 self.reload("the file changed")
+            self._show_draining()  # a drain signal's log line and metric
             if watchdog and time.monotonic() >= next_ping and self._alive():
                 sd_notify("WATCHDOG=1")
                 next_ping = time.monotonic() + watchdog
@@ -141,6 +150,8 @@ class Service:
 
     def stop(self) -> None:
         sd_notify("STOPPING=1")
+        self._drain.set()  # /healthz says draining at once: a balancer sends new work elsewhere
+        self._show_draining()
         log.info("stopping: no new associations; finishing work in flight")
         self.scp.stop(STOP_DEADLINE)
         self.pipeline.stop()
@@ -148,12 +159,49 @@ class Service:
             self.http.stop()
         log.info("stopped; %d instance(s) left in the spool for the next start",
                  len(self.spool.pending()))  # fmt: skip
+        self.pid_file.unlink(missing_ok=True)
 
     def _alive(self) -> bool:
         """What the systemd watchdog vouches for: the threads that must never stop."""
         return self.scp.alive() and self.pipeline.health_problem() is None
 
+    # --- draining and the node's name ------------------------------------------------------
+
+    @property
+    def pid_file(self) -> Path:
+        """Where `dicom-node drain` finds the running node: its spool (one node per spool)."""
+        return self.spool.root / PID_FILE
+
+    def _write_pid_file(self) -> None:
+        try:
+            self.pid_file.write_text(f"{os.getpid()}\n")
+        except OSError as exc:  # drain by signal still works; `dicom-node drain` will say so
+            log.warning("cannot write %s: %s", self.pid_file, exc)
+
+    def draining(self) -> bool:
+        return self.config.node.draining or self._drain.is_set()
+
+    def _show_draining(self) -> None:
+        """Log and export a change of the draining state (called after signals and reloads)."""
+        now = self.draining()
+        if now != self._shown_draining:
+            self._shown_draining = now
+            metrics.DRAINING.set(int(now))
+            if now:  # an operator's act (or a stop), not a problem: INFO
+                log.info("draining: /healthz answers 503 draining; the associations open "
+                         "are served and the queues keep delivering")  # fmt: skip
+            else:
+                log.info("no longer draining: /healthz answers 200 again")
+
+    @staticmethod
+    def _name(config: Config) -> None:
+        metrics.NODE_NAME["name"] = config.node.name
+        metrics.INFO.clear()
+        metrics.INFO.labels(config.node.name, __version__).set(1)
+
     def health_problem(self) -> str | None:
+        if self.draining():
+            return "draining"
         if not self.scp.alive():
             return "the DICOM listener is not running"
         return self.pipeline.health_problem() or spool_write_problem(str(self.spool.tmp))
@@ -196,6 +244,8 @@ class Service:
         self.spool.max_size, self.spool.min_free = new.node.spool_max_size, new.node.spool_min_free
         self.spool.forget_configs({new.key})
         changes += [f"{len(new.rules)} rule(s)"]
+        self._name(new)
+        self._show_draining()
         log.info("reloaded (%s) from %s: %s", why, new.source, "; ".join(changes))
         _count_reload("applied")
         return True

@@ -25,8 +25,8 @@ def test_load_config_reports_problems_with_the_files_path(tmp_path):
         load_config(path)
     assert [str(p) for p in info.value.problems] == [
         f"{path}:2: node: unknown key 'prot' (did you mean 'port'?); "
-        "allowed: ae_title, host, log_patient_names, port, spool, spool_max_size, spool_min_free, "
-        "tls, workers",
+        "allowed: ae_title, draining, host, log_patient_names, name, port, spool, spool_max_size, "
+        "spool_min_free, tls, workers",
         f"{path}:3: rules: expected a non-empty list of rules",
     ]
 

@@ -55,8 +55,8 @@ def test_unknown_key_in_node_suggests_the_close_one():
         """
     ) == [
         "node.yaml:3: node: unknown key 'prot' (did you mean 'port'?); "
-        "allowed: ae_title, host, log_patient_names, port, spool, spool_max_size, spool_min_free, "
-        "tls, workers"
+        "allowed: ae_title, draining, host, log_patient_names, name, port, spool, spool_max_size, "
+        "spool_min_free, tls, workers"
     ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
 from pathlib import Path
 
 import pytest
@@ -35,8 +36,9 @@ def test_contract_example_parses_into_typed_objects(tmp_path):
     assert config.source == SRC
     assert config.warnings == ()
     assert config.node == NodeSettings(
-        ae_title="DICOM-NODE", host="0.0.0.0", port=11112, spool=tmp_path / "spool", workers=0
-    )
+        ae_title="DICOM-NODE", host="0.0.0.0", port=11112, spool=tmp_path / "spool", workers=0,
+        name=socket.gethostname(),
+    )  # fmt: skip
     assert config.accept == AcceptPolicy(calling_aets=("*",), called_aets=("DICOM-NODE",))
     assert list(config.destinations) == ["archive", "pacs"]
     assert config.destinations["archive"] == FolderDestination(
@@ -115,7 +117,8 @@ def test_omitted_settings_take_their_documented_defaults():
             send_to: [archive]
         """
     )
-    assert config.node == NodeSettings("DICOM-NODE", "0.0.0.0", 11112, Path("/srv/node/spool"), 0)
+    assert config.node == NodeSettings("DICOM-NODE", "0.0.0.0", 11112, Path("/srv/node/spool"), 0,
+                                       name=socket.gethostname())  # the host name  # fmt: skip
     assert config.accept.calling_aets == ("*",)
     assert config.destinations["archive"].layout == DEFAULT_LAYOUT
     assert config.destinations["pacs"].calling_ae_title == "DICOM-NODE"

@@ -6,14 +6,17 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.uid import JPEG2000Lossless, JPEGLSLossless
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless
+from pynetdicom import AE
 
-from tests.conftest import data_file, echo, free_port, require, storescu, wait_for
+from tests.conftest import REPO, data_file, echo, free_port, require, storescu, wait_for
 from tests.ops.test_observe import get, metric
 from tests.system.test_crash import make_series
 
@@ -176,3 +179,54 @@ def test_json_logs_have_one_object_per_instance_and_no_patient_names_unless_allo
     assert instance["sop_class"] == source.SOPClassUID and instance["ms"] >= 0
     assert ("Doe^Jane" in node.log_text()) is allowed
     assert ("PID-4711" in node.log_text()) is allowed
+
+
+# --- draining: out of a balancer's rotation, still serving ------------------------------------
+
+
+def test_drain_and_undo_by_command_and_by_config(running):
+    node, http = running
+    assert metric(get(http, "/metrics")[1], "dicom_node_info", node=socket.gethostname()) == 1
+    drain = [sys.executable, "-m", "node.ops.cli", "drain", "-c", str(node.config)]
+    done = subprocess.run(drain, capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert get(http, "/healthz") == (503, "draining\n")  # at once
+    storescu(node.port, [data_file("CT_small.dcm")])  # a sender that comes directly is served
+    node.wait_archived(1)
+    wait_for(lambda: metric(get(http, "/metrics")[1], "dicom_node_draining") == 1, 30, "gauge")
+    done = subprocess.run([*drain, "--undo"], capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert done.returncode == 0 and get(http, "/healthz")[0] == 200
+
+    node.config.write_text(node.config.read_text().replace("workers: 0}", "workers: 0, "
+                                                           "draining: true}"))  # fmt: skip
+    node.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: get(http, "/healthz") == (503, "draining\n"), 30, "draining by config")
+    assert "draining: /healthz answers 503 draining" in node.log_text()
+
+
+def test_drain_finds_no_node_when_none_runs(tmp_path):
+    (tmp_path / "node.yaml").write_text(
+        "node: {spool: ./spool}\ndestinations: {a: {type: folder, path: ./a}}\n"
+        "rules: [{name: r, send_to: [a]}]\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "node.ops.cli", "drain", "-c", str(tmp_path / "node.yaml")],
+        capture_output=True, text=True, timeout=30, cwd=REPO,
+    )  # fmt: skip
+    assert done.returncode == 1 and "no running node found" in done.stderr
+
+
+def test_sigterm_drains_at_once_and_serves_the_open_association(running):
+    node, http = running
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOM-NODE")
+    assert assoc.is_established
+    try:
+        node.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: get(http, "/healthz") == (503, "draining\n"), 10, "draining")
+        assert assoc.send_c_store(data_file("CT_small.dcm")).Status == 0  # still served
+    finally:
+        assoc.release()
+    assert node.process.wait(timeout=60) == 0
+    assert len(node.archived()) == 1
