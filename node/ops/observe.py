@@ -111,8 +111,17 @@ class ObservabilityServer:
                 self.send_response(code)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self._headers_buffer.append(b"\r\n")  # end_headers, with the body: one write
+                self._headers_buffer.append(body)
+                self.flush_headers()
+
+            def handle(self) -> None:
+                # A balancer's health check reads the status line and resets the connection:
+                # that is its way of hanging up, not an error worth a traceback.
+                try:
+                    super().handle()
+                except (ConnectionResetError, BrokenPipeError):
+                    self.close_connection = True
 
             def log_message(self, *args) -> None:  # scrapes are not worth a log line each
                 pass
