@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from node.config import parse_config
+from node.ops.observe import REGISTRY
 from node.pipeline import Pipeline
 from node.spool import Spool, SpoolEntry
 from node.transcode.process import Delivery, Output, ProcessOutcome
@@ -60,6 +61,40 @@ def test_a_failed_queue_commit_retries_what_it_did_not_queue(pipeline, monkeypat
                       outcome(pipeline, "q", quarantine="no rule matched")])  # fmt: skip
     assert sorted(pipeline.retried) == ["a", "b"]  # the quarantined one is done, not retried
     assert pipeline.idle()
+
+
+def test_each_output_is_queued_for_its_destinations_and_counted_per_destination(
+    pipeline, monkeypatch
+):
+    """Two outputs of one entry: one file each in the queue, each destination told which, and
+    the metrics per rule, destination, syntax and outcome."""
+    monkeypatch.setattr(pipeline, "_worker", lambda *a: type("W", (), {"wake": lambda s: 0})())
+    entry_path = pipeline.spool.incoming / "m.dcm"
+    entry_path.write_bytes(b"DICM" * 25)
+    work = pipeline.spool.work_path(SpoolEntry(entry_path), 0).with_suffix(".1.dcm")
+    work.write_bytes(b"x" * 40)
+    entry = SpoolEntry(entry_path)
+    pipeline._in_flight.add(entry.id)
+    jls, keep = "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.1"
+    outputs = (Output(work, jls, 40, "recompressed"), Output(entry_path, keep, 100, "kept"))
+    deliveries = (Delivery("archive", 0, "a.dcm"), Delivery("viewer", 1, None))
+    before = REGISTRY.get_sample_value("dicom_node_outputs_total", {
+        "rule": "multi", "destination": "archive", "syntax": "JPEGLSLossless",
+        "outcome": "recompressed",
+    }) or 0  # fmt: skip
+    commit(pipeline, [ProcessOutcome(entry, "multi", outputs, deliveries, bytes_in=100)])
+    rows = {d.destination: d for d in pipeline.queue.due("archive", time.time() + 1, 10)
+            + pipeline.queue.due("viewer", time.time() + 1, 10)}  # fmt: skip
+    assert rows["archive"].path == str(pipeline.spool.output_path(entry, 0))
+    assert (rows["archive"].syntax, rows["archive"].relpath) == (jls, "a.dcm")
+    assert (rows["viewer"].path, rows["viewer"].syntax) == (str(entry_path), keep)
+    labels = {"rule": "multi", "destination": "archive", "syntax": "JPEGLSLossless",
+              "outcome": "recompressed"}  # fmt: skip
+    assert REGISTRY.get_sample_value("dicom_node_outputs_total", labels) == before + 1
+    assert REGISTRY.get_sample_value("dicom_node_output_bytes_total", labels) >= 40
+    viewer = {"rule": "multi", "destination": "viewer", "syntax": "ExplicitVRLittleEndian",
+              "outcome": "kept"}  # fmt: skip
+    assert REGISTRY.get_sample_value("dicom_node_outputs_total", viewer) >= 1
 
 
 def test_a_failure_after_the_queue_commit_processes_nothing_twice(pipeline, monkeypatch):
