@@ -45,6 +45,10 @@ from node.tls import server_context
 from node.transcode.codecs import receivable_syntaxes
 from node.vocabulary.status import OUT_OF_RESOURCES, SUCCESS
 
+# Seconds making a received instance durable may take before the log says so: a sender waits
+# for it, and gives up after its DIMSE timeout (often 30-60 s).
+SLOW_STORE = 5.0
+
 log = logging.getLogger("dicom_node.receive")
 
 
@@ -264,10 +268,15 @@ class StorageSCP:
         problem = self.room_problem()  # again: other associations may have filled it meanwhile
         if problem:  # the sender may retry later; never Success without storage
             return self.refuse(calling, problem)
+        started = time.monotonic()
         try:  # c_store refused it already if it is above limits.max_instance_size
             entry = self.spool.adopt_received(received, config.key)  # renamed, not copied
         except OSError as exc:
             return self.refuse(calling, f"cannot spool it: {exc}")
+        took = time.monotonic() - started
+        if took > SLOW_STORE:  # the sender waits for this: its DIMSE timeout may be near
+            log.warning("storing an instance from %s took %.1f s (fsync of the spool's "
+                        "disk): its sender waited that long for the response", calling, took)
         metrics.RECEIVED.labels(calling).inc()
         metrics.BYTES_IN.inc(size)
         self.on_stored(entry)
