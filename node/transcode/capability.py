@@ -221,8 +221,9 @@ def refusal(facts: PixelFacts, target: Target) -> str | None:
             and facts.bits_stored in p_stored
         ):
             return None
+    shown = pi if pi == facts.decoded_photometric else f"{facts.decoded_photometric} (as {pi})"
     return (
-        f"{name} cannot encode {pi}, {facts.samples} sample(s), Bits Allocated "
+        f"{name} cannot encode {shown}, {facts.samples} sample(s), Bits Allocated "
         f"{facts.bits_allocated}, Bits Stored {facts.bits_stored}, "
         f"{'signed' if facts.pixel_representation else 'unsigned'} (PS3.5 section 8.2)"
     )

@@ -171,3 +171,11 @@ def test_a_lossless_jpeg_encoder_that_corrupts_is_caught_by_verification(monkeyp
     _, result, written = run("MR2_UNCR.dcm", "JPEGLosslessSV1")
     assert (result.outcome, written) == ("passed-through", None)
     assert "verification failed on frame 0: pixel error 1" in result.notes[0]
+
+
+def test_a_lossy_sample_that_overshoots_bits_stored_is_refused_not_wrapped():
+    """10-bit data into 12-bit JPEG: libjpeg-turbo decodes a 1023 as 1024, which every DICOM
+    decoder (pydicom's too) reads as 0 in 10 stored bits."""
+    _, result, written = run("RG3_UNCR.dcm", {"syntax": "JPEGExtended12Bit", "jpeg_quality": 90})
+    assert (result.outcome, written) == ("passed-through", None)
+    assert "overshoots Bits Stored wraps around" in result.notes[0]
