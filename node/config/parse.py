@@ -296,6 +296,16 @@ def _parse_accept_syntaxes(c: _Checker, m: _LineDict, where: str) -> tuple[str, 
     return tuple(result)
 
 
+def _file(c: _Checker, m: _LineDict, key: str, where: str, base: Path) -> Path | None:
+    """m[key]: a file that must exist (relative to the config's folder), or None if absent."""
+    if key not in m:
+        return None
+    found = (base / c.string(m, key, where)).resolve()
+    if not found.is_file():
+        c.error(m.key_lines[key], f"{where}.{key}: no such file: {found}")
+    return found
+
+
 def _parse_tls(
     c: _Checker, parent: _LineDict, where: str, base: Path, server: bool
 ) -> TlsSettings | None:
@@ -307,19 +317,10 @@ def _parse_tls(
         return None
     keys = {"cert", "key", "ca"} | ({"require_client_cert"} if server else {"server_name"})
     c.keys(m, where, keys, {"cert", "key"} if server else set())
-
-    def path(key: str) -> Path | None:
-        if key not in m:
-            return None
-        found = (base / c.string(m, key, where)).resolve()
-        if not found.is_file():
-            c.error(m.key_lines[key], f"{where}.{key}: no such file: {found}")
-        return found
-
     tls = TlsSettings(
-        cert=path("cert"),
-        key=path("key"),
-        ca=path("ca"),
+        cert=_file(c, m, "cert", where, base),
+        key=_file(c, m, "key", where, base),
+        ca=_file(c, m, "ca", where, base),
         require_client_cert=c.boolean(m, "require_client_cert", where, False),
         server_name=c.string(m, "server_name", where) or None,
     )
@@ -475,17 +476,9 @@ def _parse_web_auth(c: _Checker, parent: _LineDict, where: str, base: Path) -> W
     if m is None:
         return None
     c.keys(m, where, {"bearer_token_file", "username", "password_file"}, set())
-
-    def path(key: str) -> Path | None:
-        if key not in m:
-            return None
-        found = (base / c.string(m, key, where)).resolve()
-        if not found.is_file():
-            c.error(m.key_lines[key], f"{where}.{key}: no such file: {found}")
-        return found
-
-    auth = WebAuth(path("bearer_token_file"), c.string(m, "username", where) or None,
-                   path("password_file"))  # fmt: skip
+    auth = WebAuth(_file(c, m, "bearer_token_file", where, base),
+                   c.string(m, "username", where) or None,
+                   _file(c, m, "password_file", where, base))  # fmt: skip
     basic = auth.username is not None or auth.password_file is not None
     if auth.bearer_token_file is not None and basic:
         c.error(m.line, f"{where}: either bearer_token_file, or username and password_file")
