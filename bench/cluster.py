@@ -96,11 +96,11 @@ from common import (
     Processes,
     Sender,
     archive_files,
+    end_workspace,
     factor,
     first_line,
     free_ports,
     http_get,
-    ignore_signals_for_cleanup,
     num,
     process_ticks,
     start_workspace,
@@ -743,16 +743,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted; stopping what was started", file=sys.stderr)
         return 130
     finally:
-        ignore_signals_for_cleanup()
-        procs.stop_all()
-        keep_logs = args.keep or not ok
-        for child in work.iterdir():
-            if not (keep_logs and child == logs):
-                shutil.rmtree(child, ignore_errors=True)
-        if keep_logs:
-            print(f"logs kept in {logs}", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        end_workspace(procs, work, logs, ok, "logs" if args.keep else None)
 
 
 if __name__ == "__main__":

@@ -75,7 +75,6 @@ import math
 import platform
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -97,8 +96,8 @@ from common import (
     STORESCU_OPTIONS,
     BenchError,
     Processes,
+    end_workspace,
     fmt_exc,
-    ignore_signals_for_cleanup,
     install_signal_handlers,
     num,
     table,
@@ -618,17 +617,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted; stopping what was started", file=sys.stderr)
         return 130
     finally:
-        ignore_signals_for_cleanup()
-        procs.stop_all()
-        if args.keep:
-            print(f"temporary folder kept: {work}", file=sys.stderr)
-        elif not ok:
-            for child in work.iterdir():
-                if child != logs:
-                    shutil.rmtree(child, ignore_errors=True)
-            print(f"logs kept in {logs}", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        end_workspace(procs, work, logs, ok, "folder" if args.keep else None)
 
 
 if __name__ == "__main__":

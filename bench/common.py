@@ -234,6 +234,24 @@ def ignore_signals_for_cleanup() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def end_workspace(procs: Processes, work: Path, logs: Path, ok: bool, keep: str | None) -> None:
+    """What a benchmark's `finally` does: stop everything it started (a second Ctrl-C cannot
+    interrupt that), then remove its temporary folder `work`, except what `keep` names
+    ("folder": all of it; "logs": its logs/) and, after a failure (`ok` false), the logs."""
+    ignore_signals_for_cleanup()
+    procs.stop_all()
+    if keep == "folder":
+        print(f"temporary folder kept: {work}", file=sys.stderr)
+        return
+    if ok and keep is None:
+        shutil.rmtree(work, ignore_errors=True)
+        return
+    for child in work.iterdir():  # the corpora and stores can be large: the logs only
+        if child != logs:
+            shutil.rmtree(child, ignore_errors=True)
+    print(f"logs kept in {logs}", file=sys.stderr)
+
+
 def start_workspace(prefix: str) -> tuple[Path, Path] | None:
     """Check the programs a benchmark runs, install the signal handlers, and make its
     temporary folder with a logs/ folder inside; None (reported) when a program is missing."""

@@ -122,14 +122,13 @@ bench/throughput_report.py (tables, targets, JSON); the plumbing is bench/common
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from codec_ceiling import measure_ceiling
-from common import ROOT, BenchError, Processes, ignore_signals_for_cleanup, start_workspace
+from common import ROOT, BenchError, Processes, end_workspace, start_workspace
 from corpora import CT, KEEP, MR, SYNTAXES, make_corpus
 from ingest_rate import Bench, gdcm_plugin
 from large_instance import measure_large
@@ -198,17 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted; stopping what was started", file=sys.stderr)
         return 130
     finally:
-        ignore_signals_for_cleanup()
-        procs.stop_all()
-        if args.keep:
-            print(f"temporary folder kept: {work}", file=sys.stderr)
-        elif not ok:  # keep the logs only: the corpora and stores can be large
-            for child in work.iterdir():
-                if child != logs:
-                    shutil.rmtree(child, ignore_errors=True)
-            print(f"logs kept in {logs}", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        end_workspace(procs, work, logs, ok, "folder" if args.keep else None)
 
 
 if __name__ == "__main__":
