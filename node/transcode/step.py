@@ -226,17 +226,11 @@ def _encapsulated_pixels(
     allowed_error = codec.error_bound(target)  # None: lossy, the ratio is recorded instead
     wrapped = 1 << max(facts.bits_stored - 1, 0)  # a lossy error this large is a wrap-around
     max_error = 0
-    # lossy JPEG colour comes back as YCbCr (YBR_FULL_422, upsampled): compared in RGB
-    to_rgb = facts.decoded_photometric == "RGB" and options["photometric_interpretation"] in (
-        "YBR_FULL_422", "YBR_FULL",
-    )  # fmt: skip
     for index, frame in enumerate(frames):
         encoded = encode(frame)
         decoded = decode(encoded)
         if decoded.shape != frame.shape:
             raise Refused(f"frame {index}: decoded shape {decoded.shape} != {frame.shape}")
-        if to_rgb:
-            decoded = convert_color_space(decoded, "YBR_FULL", "RGB")
         error = _max_abs_difference(decoded, frame)
         if allowed_error is not None and error > allowed_error:
             raise Refused(

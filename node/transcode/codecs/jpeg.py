@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 from pydicom import uid
+from pydicom.pixels import convert_color_space
 from pydicom.uid import UID
 
 from node.config.targets import Target
@@ -79,7 +80,14 @@ def build(job: FrameJob) -> tuple[FrameEncoder, FrameDecoder]:
                 outcolorspace="YCbCr" if colour else None, subsampling="422" if colour else None,
             ))  # fmt: skip
 
-    return _refusing(encode), pydicom_decoder(job, _VERIFY_PLUGIN)
+    decode = pydicom_decoder(job, _VERIFY_PLUGIN)
+    if job.options["photometric_interpretation"] == "YBR_FULL_422" and colour == "RGB":
+        rgb_decode = decode  # YCbCr comes back: compared with the RGB it was made from
+
+        def decode(encoded: bytes) -> np.ndarray:
+            return convert_color_space(rgb_decode(encoded), "YBR_FULL", "RGB")
+
+    return _refusing(encode), decode
 
 
 def _refusing(encode: FrameEncoder) -> FrameEncoder:
