@@ -19,6 +19,7 @@ single runs.
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import statistics
 import sys
@@ -37,6 +38,7 @@ from common import (
     Processes,
     Sender,
     archive_files,
+    http_get,
     machine_busy_ticks,
     process_ticks,
     tree_pids,
@@ -45,6 +47,7 @@ from corpora import CT, MR, make_corpus
 
 CONFIG = """\
 node: {{ae_title: {aet}, host: 127.0.0.1, port: {port}, spool: ./spool, workers: 0}}
+http: {{host: 127.0.0.1, port: {http_port}}}
 destinations:
   archive: {{type: folder, path: ./archive, layout: "{{SOPInstanceUID}}.dcm"}}
 rules:
@@ -60,6 +63,19 @@ class Result:
     receiving_ms: float
     workers_ms: float
     busy: float
+    stages: dict[str, float]  # CPU ms per instance by stage (empty: that tree has no such metric)
+
+
+STAGE_METRIC = re.compile(r'^dicom_node_cpu_seconds_total\{stage="([^"]+)"\} (\S+)$', re.M)
+
+
+def stage_seconds(port: int) -> dict[str, float]:
+    """The node's dicom_node_cpu_seconds_total by stage (node/ops/stage_cpu.py)."""
+    try:
+        text = http_get(port, "/metrics").decode()
+    except OSError:
+        return {}
+    return {m[1]: float(m[2]) for m in STAGE_METRIC.finditer(text)}
 
 
 def cpu_ticks(root: int) -> tuple[int, int]:
@@ -70,8 +86,10 @@ def cpu_ticks(root: int) -> tuple[int, int]:
 
 def one_run(tree: Path, label: str, args, corpus, procs: Processes, work: Path) -> Result:
     folder = work / f"{label}-{time.monotonic_ns()}"
+    (http_port,) = common.free_ports(1)
     node = Node(procs, folder, folder.with_suffix(".log"),
-                lambda port: CONFIG.format(aet=common.NODE_AET, port=port, syntax=args.syntax),
+                lambda port: CONFIG.format(aet=common.NODE_AET, port=port, syntax=args.syntax,
+                                           http_port=http_port),
                 tree / ".venv" / "bin" / "dicom-node")  # fmt: skip
     node.start()
     try:
@@ -80,12 +98,19 @@ def one_run(tree: Path, label: str, args, corpus, procs: Processes, work: Path) 
         def stored() -> int:
             return sum(1 for _ in archive_files(archive)) if archive.exists() else 0
 
-        warm = Sender(procs, node.port, common.NODE_AET, corpus.warmups,
-                      folder / "warmup.log", STORESCU_OPTIONS)
+        warm = Sender(
+            procs,
+            node.port,
+            common.NODE_AET,
+            corpus.warmups,
+            folder / "warmup.log",
+            STORESCU_OPTIONS,
+        )
         warm.wait(120)
         wait_until(lambda: stored() >= len(corpus.warmups), 120, "the warm-up")
         time.sleep(1.0)  # workers idle again
         assert node.proc is not None
+        stages_before = stage_seconds(http_port)
         before, busy_before = cpu_ticks(node.proc.pid), machine_busy_ticks()
         files, n = corpus.files, len(corpus.files)
         started = time.monotonic()
@@ -99,12 +124,14 @@ def one_run(tree: Path, label: str, args, corpus, procs: Processes, work: Path) 
         wait_until(lambda: stored() >= len(corpus.warmups) + n, 600, "the archive")
         seconds = time.monotonic() - started
         after, busy_after = cpu_ticks(node.proc.pid), machine_busy_ticks()
+        stages_after = stage_seconds(http_port)
     finally:
         node.stop()
     ms = 1000 / CLOCK_TICKS / n
     return Result(
         label, n / seconds, ack, (after[0] - before[0]) * ms, (after[1] - before[1]) * ms,
         (busy_after - busy_before) / (seconds * CLOCK_TICKS * CPU),
+        {k: (v - stages_before.get(k, 0.0)) * 1000 / n for k, v in stages_after.items()},
     )  # fmt: skip
 
 
@@ -156,10 +183,34 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     for label, tree in trees:
         mine = [r for r in results if r.tree == label]
-        print(f"median {label} ({tree}): {statistics.median(r.rate for r in mine):.1f} img/s, "
-              f"receiving {statistics.median(r.receiving_ms for r in mine):.2f} ms/img, "
-              f"workers {statistics.median(r.workers_ms for r in mine):.2f} ms/img")
+        print(
+            f"median {label} ({tree}): {statistics.median(r.rate for r in mine):.1f} img/s, "
+            f"receiving {statistics.median(r.receiving_ms for r in mine):.2f} ms/img, "
+            f"workers {statistics.median(r.workers_ms for r in mine):.2f} ms/img"
+        )
+    print(stage_table(trees, results))
     return 0
+
+
+def stage_table(trees: list[tuple[str, Path]], results: list[Result]) -> str:
+    """Median CPU ms per instance by stage, one column per tree, the machine's beside it."""
+    stages = sorted({s for r in results for s in r.stages})
+    if not stages:
+        return "(no tree reports dicom_node_cpu_seconds by stage)"
+    labels = [label for label, _ in trees]
+
+    def median(label: str, pick) -> str:
+        values = [pick(r) for r in results if r.tree == label]
+        values = [v for v in values if v is not None]
+        return f"{statistics.median(values):.2f}" if values else "-"
+
+    rows = [[stage, *(median(lb, lambda r, s=stage: r.stages.get(s)) for lb in labels)]
+            for stage in stages]  # fmt: skip
+    rows.append(["node (all stages)", *(median(lb, lambda r: sum(r.stages.values()) or None)
+                                       for lb in labels)])  # fmt: skip
+    rows.append(["whole machine", *(median(lb, lambda r: r.busy * CPU * 1000 / r.rate)
+                                    for lb in labels)])  # fmt: skip
+    return "CPU ms per instance by stage (median):\n" + common.table(["stage", *labels], rows)
 
 
 if __name__ == "__main__":

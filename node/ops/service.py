@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -20,6 +21,7 @@ from node import __version__, pynetdicom_patches
 from node.config import Config, ConfigError, load_config
 from node.ops import observe as metrics
 from node.ops.observe import REGISTRY, ObservabilityServer, QueueCollector, spool_write_problem
+from node.ops.stage_cpu import StageCpuCollector
 from node.pipeline import Pipeline
 from node.receive.scp import StorageSCP
 from node.spool import Spool
@@ -30,6 +32,9 @@ WATCH_INTERVAL = 1.0  # seconds between looks at the config file
 SETTLE = 0.3  # a changed file must stay unchanged this long (editors write in steps)
 PID_FILE = "node.pid"  # in the spool, while the node runs
 STOP_DEADLINE = 30.0  # seconds running associations get to finish on stop or listener restart
+
+
+SWITCH_INTERVAL = 0.0005  # seconds
 
 
 def _count_reload(result: str) -> None:
@@ -100,6 +105,10 @@ class Service:
     def start(self) -> bool:
         """Listener, workers, HTTP; False (logged) when a port cannot be bound."""
         node = self.config.node
+        # A thread that waits for the GIL takes it after this long at most (Python's default:
+        # 5 ms). A sender waits for each acknowledgement while the dispatch, commit and
+        # delivery threads hold the GIL in turns: their turns must be short.
+        sys.setswitchinterval(SWITCH_INTERVAL)
         try:
             self.scp.start()
         except OSError as exc:
@@ -110,6 +119,7 @@ class Service:
         if _collector is None:  # one registry per process
             _collector = _Queues()
             REGISTRY.register(QueueCollector(_collector))
+            REGISTRY.register(StageCpuCollector())
         _collector.pipeline = self.pipeline
         if not self._start_http(self.config):
             self.scp.stop(deadline=0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import shutil
+import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -82,3 +84,28 @@ def test_healthz_turns_503_when_the_spool_cannot_be_written(observed_node):
     tmp.unlink()
     tmp.mkdir()
     assert get(http, "/healthz") == (200, "ok\n")
+
+
+def test_cpu_time_by_stage_puts_each_thread_in_its_stage():
+    """dicom_node_cpu_seconds{stage}: a thread named as the node names its threads is counted
+    in its stage; what ended is counted too (the process's total less the live threads)."""
+    from node.ops.stage_cpu import ENDED, WORKERS, stage_of, stage_seconds
+
+    def spin(seconds: float) -> None:
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    done = threading.Event()
+    commit = threading.Thread(target=lambda: (spin(0.3), done.wait()), name="commit")
+    commit.start()
+    try:
+        wait_for(lambda: stage_seconds().get("queue", 0) >= 0.25, 10, "the commit thread's CPU")
+    finally:
+        done.set()
+        commit.join()
+    assert stage_of(threading.Thread(name="deliver-archive")) == "delivery"
+    assert stage_of(threading.Thread(name="Thread-9")) == "other"
+    seconds = stage_seconds()
+    assert seconds[ENDED] >= 0.25  # the commit thread has ended: its CPU is still there
+    assert WORKERS in seconds

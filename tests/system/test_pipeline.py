@@ -7,10 +7,12 @@ import time
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
 
 from node.config import parse_config
 from node.ops.observe import REGISTRY
-from node.pipeline import Pipeline
+from node.pipeline import Pipeline, keeps_only
 from node.spool import Spool, SpoolEntry
 from node.transcode.process import Delivery, Output, ProcessOutcome
 from tests.conftest import wait_for
@@ -123,7 +125,10 @@ def test_a_worker_crash_is_counted_against_the_instance_that_crashes_only(tmp_pa
     """The process pool fails every task in flight when a worker dies; those run alone next,
     so only the instance that crashes twice is sent as received, the others are processed
     as their rule says."""
-    config = parse_config(CONFIG.replace("./spool}", "./spool, workers: 2}"), "node.yaml", tmp_path)
+    text = CONFIG.replace("./spool}", "./spool, workers: 2}").replace(
+        "send_to", "transcode: {syntax: JPEGLSLossless}, send_to"
+    )  # codec work: the codec workers run it (a keep-only node routes in its dispatcher)
+    config = parse_config(text, "node.yaml", tmp_path)
     spool = Spool(tmp_path / "spool")
     (spool.root / "ran").mkdir()
     names = ["a", "b-crash", "c", "d", "e"]
@@ -156,3 +161,27 @@ def page_faults_reallocating(size: int = 8 << 20, times: int = 20) -> int:
 def test_codec_workers_reuse_freed_buffers_instead_of_faulting_them_in_again(pipeline):
     # By default glibc unmaps an 8 MiB block when it is freed: ~2000 faults per allocation.
     assert pipeline._executor.submit(page_faults_reallocating).result(timeout=60) < 100
+
+
+def test_a_keep_only_node_processes_in_its_dispatcher_without_codec_workers(tmp_path: Path):
+    """Every rule keeps what it received: no instance is handed to a worker process (which
+    cost more CPU than the routing itself), and each is still routed, queued, delivered."""
+    layout = "./archive, layout: '{SOPInstanceUID}.dcm'}"
+    config = parse_config(CONFIG.replace("./archive}", layout), "node.yaml", tmp_path)
+    assert keeps_only(config)
+    spool = Spool(tmp_path / "spool")
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    ds.save_as(spool.incoming / "a.dcm")
+    received = (spool.incoming / "a.dcm").read_bytes()
+    pipe = Pipeline(config, spool)
+    try:
+        pipe.start()
+        archived = tmp_path / "archive" / f"{ds.SOPInstanceUID}.dcm"
+        wait_for(lambda: archived.exists() and pipe.idle(), 30, "the archive")
+        assert not pipe._executor._processes  # no codec worker was ever started
+    finally:
+        pipe.stop()
+    assert archived.read_bytes() == received
+    codec = parse_config(CONFIG.replace("send_to", "transcode: {syntax: RLELossless}, send_to"),
+                         "node.yaml", tmp_path)  # fmt: skip
+    assert not keeps_only(codec)
